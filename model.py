@@ -1,0 +1,249 @@
+"""The Yuan 1.0 transformer: a Megatron-style GPT, written to be read top to bottom.
+
+Yuan 1.0 (Wu et al. 2021, arXiv:2110.04725) uses the Megatron-LM GPT architecture:
+learned absolute position embeddings, pre-LayerNorm blocks, a final LayerNorm, a GELU MLP, biases everywhere,
+and an LM head tied to the word embedding. The ASC22 competition model is the `yuan-4.7b` preset below.
+
+Each piece that tensor parallelism will later shard is its own named module: the fused QKV projection
+(`attn.qkv`), the attention output projection (`attn.proj`), MLP up (`mlp.fc`), MLP down (`mlp.proj`) and the
+word embedding (`wte`, also the LM head). `python model.py` prints the presets with exact parameter counts.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Command-line entry points print it in one block, without a traceback."""
+
+
+@dataclass
+class Config:
+    # --- model ---
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # hidden size h
+    ffn_hidden: int = 0  # MLP inner size; 0 means 4 * n_embd
+    seq_len: int = 128  # context length T (learned position embeddings)
+    vocab_size: int = 0  # padded vocabulary; 0 means: taken from the data's tokenizer, padded to 128
+    dropout: float = 0.0  # dropout on attention probabilities and residual branches
+    layernorm_eps: float = 1e-5
+    init_std: float = 0.02  # N(0, init_std) init; output projections get init_std / sqrt(2 * n_layer)
+    # --- training ---
+    max_steps: int = 200  # optimizer steps
+    batch_tokens: int = 8192  # global batch per optimizer step, in tokens (= micro_batch * seq_len * grad accum)
+    micro_batch: int = 8  # sequences per forward/backward
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warm-up steps
+    lr_decay_steps: int = 0  # cosine length in steps; 0 means max_steps
+    weight_decay: float = 0.1  # AdamW decay on matrices and embeddings only
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    dtype: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on GPUs with it, fp16 on V100, fp32 on CPU); master
+    #                       weights are fp32 in every case
+    seed: int = 1234  # model init, dropout and data order
+    eval_interval: int = 50  # evaluate on val.bin every N steps (and after the last)
+    eval_batches: int = 8  # micro-batches per evaluation
+    log_interval: int = 1  # training rows in metrics.jsonl every N steps
+    ckpt_interval: int = 100  # checkpoint every N steps (and after the last)
+    keep_ckpts: int = 2  # how many recent checkpoints to keep
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
+    device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
+
+    def __post_init__(self):
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 4 * self.n_embd
+        for name in ("n_layer", "n_head", "n_embd", "seq_len", "max_steps", "batch_tokens", "micro_batch",
+                     "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_ckpts"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} = {getattr(self, name)} must be at least 1.")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd = {self.n_embd} is not divisible by n_head = {self.n_head}.\n"
+                            f"HINT: pick n_head among the divisors of {self.n_embd}, or change n_embd.")
+        if self.vocab_size % 128:
+            raise UserError(f"vocab_size = {self.vocab_size} is not a multiple of 128.\n"
+                            f"HINT: use {pad_vocab(self.vocab_size)} (padding rows are never produced by the data).")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"dtype = {self.dtype!r} is not one of auto, bf16, fp16, fp32.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout = {self.dropout} must be in [0, 1).")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "ffn_hidden", "seq_len", "vocab_size", "layernorm_eps")
+
+PRESETS = {
+    # vocab_size 0 = from the data; the counts in the comments use the vocabulary given here.
+    "tiny": dict(n_layer=4, n_head=6, n_embd=192, seq_len=128, vocab_size=4096,  # 2,590,848 params
+                 micro_batch=16, batch_tokens=2048, lr=3e-3, warmup_steps=40, max_steps=400,
+                 eval_interval=100, eval_batches=16, ckpt_interval=200),  # `make demo`: ~5 min on 2 CPU cores
+    "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50304,  # 124,475,904 params
+                  micro_batch=8, batch_tokens=524288, lr=6e-4, warmup_steps=700, max_steps=19000,
+                  eval_interval=500, ckpt_interval=1000),
+    "1.3b": dict(n_layer=24, n_head=16, n_embd=2048, seq_len=2048, vocab_size=53248,  # 1,321,848,832 params
+                 micro_batch=4, batch_tokens=1048576, lr=2e-4, warmup_steps=500, max_steps=1000,
+                 eval_interval=100, ckpt_interval=200),
+    # ASC22: 40 layers, hidden 3072, 24 heads, FFN 12288, sequence 2048, Yuan's 53,228 tokens padded to 53,248.
+    # 1B tokens at 1M tokens per step = ~954 steps.
+    "yuan-4.7b": dict(n_layer=40, n_head=24, n_embd=3072, ffn_hidden=12288, seq_len=2048,  # 4,701,321,216 params
+                      vocab_size=53248, micro_batch=1, batch_tokens=1048576, lr=1.6e-4, warmup_steps=100,
+                      max_steps=954, eval_interval=100, ckpt_interval=100),
+}
+
+
+def pad_vocab(n, multiple=128):
+    """Round a tokenizer's vocabulary up to a multiple of 128 (Megatron pads so the matmul tiles evenly)."""
+    return -(-n // multiple) * multiple
+
+
+def make_config(preset, **overrides):
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}. Presets: {', '.join(PRESETS)}.")
+    valid = {f.name for f in fields(Config)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise UserError(f"unknown Config field(s) {unknown}. Valid: {', '.join(sorted(valid))}.")
+    return Config(**{**PRESETS[preset], **overrides})
+
+
+def count_params(cfg):
+    """Exact parameter count from the formulas (checked against sum(p.numel()) in tests/test_model.py)."""
+    h, f, L, V, T = cfg.n_embd, cfg.ffn_hidden, cfg.n_layer, cfg.vocab_size, cfg.seq_len
+    per_layer = (2 * h) + (3 * h * h + 3 * h) + (h * h + h) + (2 * h) + (h * f + f) + (f * h + h)
+    return V * h + T * h + L * per_layer + 2 * h  # embeddings (head is tied) + blocks + final LayerNorm
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention scores and values,
+    12 * L * h * T (Narayanan et al. 2021, eq. 3 without the recompute term). N_matmul includes the LM head."""
+    h, f, L = cfg.n_embd, cfg.ffn_hidden, cfg.n_layer
+    n_matmul = L * (4 * h * h + 2 * h * f) + cfg.vocab_size * h
+    return 6 * n_matmul + 12 * L * h * cfg.seq_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused Q, K, V   (tensor parallel: column-split)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)  # output projection (tensor parallel: row-split)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x)  # [B, T, 3C]
+        # Per head the layout is [q | k | v] so that a tensor-parallel shard of whole heads is a contiguous slice.
+        qkv = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # [B, nh, T, 3hd]
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [B, nh, T, hd]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # [B, nh, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.ffn_hidden)  # up   (tensor parallel: column-split)
+        self.proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd)  # down (tensor parallel: row-split)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):  # [B, T, C] -> [B, T, F] -> [B, T, C]
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Yuan(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise UserError("vocab_size is not set: pass --vocab_size N or let train.py take it from the data.")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # word embedding, also the LM head (tied)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Megatron's init: weights ~ N(0, 0.02), the two residual-output projections scaled by 1/sqrt(2L)
+        (GPT-2 paper, section 2.3), biases zero, LayerNorm gain one."""
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, out_std)
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, self.cfg.init_std)
+            elif "ln" in name and name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(self, idx, targets=None):
+        """idx [B, T] token ids. Returns logits [B, T, V] and, with targets [B, T], the mean cross-entropy."""
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise UserError(f"sequence of {T} tokens is longer than seq_len = {self.cfg.seq_len}.")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        logits = F.linear(x, self.wte.weight)  # tied head: [B, T, C] @ [C, V] -> [B, T, V]
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
+        """Sample continuations of idx [B, T0]. temperature 0 means greedy; top_k keeps the k likeliest tokens."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.seq_len:])
+            logits = logits[:, -1, :].float()  # [B, V]
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # [B, 1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # [B, 1]
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop_token is not None and bool((nxt == stop_token).all()):
+                break
+        return idx
+
+
+if __name__ == "__main__":
+    print(f"{'preset':<10} {'layers':>6} {'hidden':>6} {'heads':>5} {'ffn':>6} {'seq':>5} {'vocab':>6} "
+          f"{'parameters':>15} {'GFLOP/token':>11}")
+    for name in PRESETS:
+        cfg = make_config(name)
+        with torch.device("meta"):  # shapes only: the 4.7B model allocates nothing
+            n = sum(p.numel() for p in Yuan(cfg).parameters())
+        assert n == count_params(cfg), (name, n, count_params(cfg))
+        print(f"{name:<10} {cfg.n_layer:>6} {cfg.n_embd:>6} {cfg.n_head:>5} {cfg.ffn_hidden:>6} {cfg.seq_len:>5} "
+              f"{cfg.vocab_size:>6} {n:>15,} {flops_per_token(cfg) / 1e9:>11.2f}")

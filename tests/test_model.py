@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from model import PRESETS, Config, UserError, Yuan, count_params, make_config
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_param_count_on_meta_device(name):
+    cfg = make_config(name)
+    with torch.device("meta"):
+        model = Yuan(cfg)
+    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg)
+
+
+def test_yuan_4_7b_is_the_asc22_model():
+    cfg = make_config("yuan-4.7b")
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.ffn_hidden, cfg.seq_len, cfg.vocab_size) == \
+        (40, 3072, 24, 12288, 2048, 53248)
+    assert count_params(cfg) == 4_701_321_216
+
+
+def test_head_is_tied_and_init_follows_megatron():
+    torch.manual_seed(0)
+    cfg = Config(n_layer=4, n_embd=64, n_head=4, vocab_size=256, seq_len=16)
+    model = Yuan(cfg)
+    logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
+    assert logits.shape == (1, 1, 256)
+    assert not any(n.startswith("lm_head") for n, _ in model.named_parameters())
+    assert model.blocks[0].attn.qkv.bias.abs().sum() == 0 and model.ln_f.weight.eq(1).all()
+    # Output projections are scaled down by 1/sqrt(2 * n_layer) (std 0.02 / sqrt(8) = 0.0071).
+    assert abs(model.blocks[0].mlp.proj.weight.std().item() - 0.02 / 8**0.5) < 0.002
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+
+
+def test_causal():
+    """Changing a later token never changes the logits of an earlier position."""
+    torch.manual_seed(0)
+    model = Yuan(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, seq_len=16)).eval()
+    x = torch.randint(0, 128, (2, 16))
+    y = x.clone()
+    y[:, 10] = (y[:, 10] + 1) % 128
+    a, b = model(x)[0], model(y)[0]
+    assert torch.allclose(a[:, :10], b[:, :10]) and not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Yuan(Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, seq_len=32))
+    x = torch.randint(0, 128, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        first = first or loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert first > 4.5 and loss.item() < 0.1
+
+
+def test_generate_top_k_and_greedy():
+    torch.manual_seed(0)
+    model = Yuan(Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, seq_len=8)).eval()
+    idx = torch.randint(0, 128, (2, 3))
+    out = model.generate(idx, 12, temperature=0)  # longer than seq_len: the context is cropped
+    assert out.shape == (2, 15) and out[:, :3].equal(idx)
+    assert out.equal(model.generate(idx, 12, temperature=1.0, top_k=1))  # top-1 sampling is greedy
+    torch.manual_seed(1)
+    sampled = model.generate(idx, 12, temperature=1.0, top_k=5)
+    assert sampled.shape == (2, 15)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(n_embd=100, n_head=3), "not divisible by n_head"),
+                                             (dict(vocab_size=1000), "multiple of 128"),
+                                             (dict(dtype="fp8"), "not one of"), (dict(n_layer=0), "at least 1")])
+def test_config_errors_say_what_to_change(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        Config(**kwargs)

@@ -1,0 +1,370 @@
+"""Train a Yuan model. Reads top to bottom in the order things happen:
+config -> data -> model -> optimizer -> loop (lr, micro-batches, clip, step, log, eval, checkpoint).
+
+    python train.py --preset tiny --data out/data/sanguo --out out/tiny [--max-steps 300] [--resume] [--dtype fp32]
+
+Every Config field (see model.py) can be overridden as --FIELD VALUE (dashes or underscores).
+"""
+import difflib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, fields
+
+import torch
+from tqdm import tqdm
+
+from data import Batches
+from model import MODEL_FIELDS, PRESETS, Config, UserError, Yuan, flops_per_token, make_config, pad_vocab
+
+# Dense peak TFLOPS per accelerator from the vendors' data sheets (no sparsity). fp32 is the non-tensor-core rate,
+# since PyTorch leaves TF32 matmuls off by default. First match wins, so specific names come first.
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"bf16": 756, "fp16": 756, "fp32": 51}),
+    ("H100 NVL", {"bf16": 835, "fp16": 835, "fp32": 60}),
+    ("H200", {"bf16": 989, "fp16": 989, "fp32": 67}),
+    ("H100", {"bf16": 989, "fp16": 989, "fp32": 67}),  # SXM
+    ("H800", {"bf16": 989, "fp16": 989, "fp32": 67}),
+    ("A100", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
+    ("A800", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
+    ("L40S", {"bf16": 362, "fp16": 362, "fp32": 91.6}),
+    ("V100", {"fp16": 125, "fp32": 15.7}),  # SXM2; Volta has no bf16
+]
+CKPT_RE = re.compile(r"^ckpt_(\d{7})\.pt$")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+    """--preset, --data, --out, --resume, --overwrite, then any Config field as --FIELD VALUE, typed by the field."""
+    opts = {"preset": None, "data": None, "out": None}
+    flags = {"resume": False, "overwrite": False}
+    overrides, types = {}, {f.name: f.type for f in fields(Config)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; options look like --FIELD VALUE.")
+        key, _, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key in flags:
+            flags[key] = True
+            i += 1
+            continue
+        if not value:
+            if i + 1 >= len(argv):
+                raise UserError(f"--{key} needs a value.")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key in opts:
+            opts[key] = value
+        elif key in types:
+            try:
+                overrides[key] = types[key](value)
+            except ValueError:
+                raise UserError(f"--{key} expects {types[key].__name__}, got {value!r}.") from None
+        else:
+            valid = sorted([*opts, *flags, *types])
+            close = difflib.get_close_matches(key, valid, n=1)
+            raise UserError(f"unknown option --{key}." + (f" Did you mean --{close[0]}?" if close else "") +
+                            f"\nValid: {', '.join('--' + k for k in valid)}")
+    for key in opts:
+        if opts[key] is None:
+            raise UserError(f"--{key} is required. Presets: {', '.join(PRESETS)}." if key == "preset"
+                            else f"--{key} is required.")
+    return opts, flags, overrides
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Mixed precision, schedule, throughput
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (Micikevicius et al. 2018). The loss is multiplied by `scale` before backward
+    so small gradients survive fp16; gradients are divided back before clipping. A step whose gradients hold inf
+    or NaN is skipped and the scale halved; after `growth_interval` clean steps the scale doubles.
+    With bf16 or fp32 the scale is 1 and only non-finite gradients are skipped."""
+
+    def __init__(self, enabled, scale=2.0**16, growth_interval=1000):
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.scale, self.good_steps = (scale if enabled else 1.0), 0
+
+    def unscale_and_clip(self, params, max_norm):
+        """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+        norm = norm.item()
+        return norm, math.isfinite(norm)
+
+    def update(self, finite):
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2, 0
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
+def lr_at(step, cfg):
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at lr_decay_steps (or max_steps)."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / max(decay_steps - cfg.warmup_steps, 1), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def peak_flops(cfg, device):
+    """Peak FLOP/s of one device for cfg.dtype: --peak_tflops, else the PEAK_TFLOPS table, else None (CPU, unknown)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks[cfg.dtype] * 1e12 if cfg.dtype in peaks else None
+    return None
+
+
+def resolve_dtype(cfg, device):
+    if cfg.dtype == "auto":
+        if device.type == "cuda":
+            cfg.dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            cfg.dtype = "fp32"  # CPU autocast to bf16 is slower than fp32 on most CPUs
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Output directory: checkpoints and metrics
+
+
+def checkpoints(out):
+    """{step: path} of the complete checkpoints in out (a half-written one is still named *.tmp)."""
+    found = {}
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        m = CKPT_RE.match(name)
+        if m:
+            found[int(m.group(1))] = os.path.join(out, name)
+    return dict(sorted(found.items()))
+
+
+def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, keep):
+    state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    path = os.path.join(out, f"ckpt_{step:07d}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: the name ckpt_*.pt only ever points at a complete file
+    for old in list(checkpoints(out).values())[:-keep]:
+        os.remove(old)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def check_compatible(ckpt, cfg, tokenizer, path):
+    """A checkpoint continues only a run of the same model shape and tokenizer."""
+    diff = [f"{k}: checkpoint {ckpt['config'][k]} vs now {getattr(cfg, k)}"
+            for k in MODEL_FIELDS if ckpt["config"][k] != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"checkpoint {path} is from another model config:\n  " + "\n  ".join(diff) +
+                        "\nHINT: use the same --preset and overrides as the run that wrote it, or another --out.")
+    if ckpt["tokenizer"]["hash"] != tokenizer["hash"]:
+        raise UserError(f"checkpoint {path} was trained with tokenizer {ckpt['tokenizer']['name']}, but the data "
+                        f"was prepared with {tokenizer['name']} (different hash).\nHINT: pass the --data it was "
+                        f"trained on.")
+
+
+class Metrics:
+    """OUT/metrics.jsonl, one JSON object per line. On resume, rows past the checkpoint's step (written after it,
+    before the interruption) are moved to metrics.rewound.jsonl, so metrics.jsonl reads as one clean run."""
+
+    def __init__(self, out, resume_step):
+        self.path = os.path.join(out, "metrics.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [line for line in f if line.strip()]
+            keep = [r for r in rows if json.loads(r)["step"] <= resume_step]
+            if len(keep) < len(rows):
+                with open(os.path.join(out, "metrics.rewound.jsonl"), "a") as f:
+                    f.writelines(r for r in rows if json.loads(r)["step"] > resume_step)
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(self.path + ".tmp", self.path)
+                print(f"metrics: {len(rows) - len(keep)} rows after step {resume_step} moved to metrics.rewound.jsonl")
+        self.file = open(self.path, "a")
+
+    def log(self, **row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+
+def prepare_out_dir(out, resume, overwrite):
+    """Refuse to start a fresh run over an earlier one unless told to (--resume or --overwrite)."""
+    os.makedirs(out, exist_ok=True)
+    old = [os.path.join(out, n) for n in sorted(os.listdir(out))
+           if CKPT_RE.match(n) or n.startswith("metrics.") and n.endswith(".jsonl")]
+    if old and not resume:
+        if not overwrite:
+            raise UserError(f"{out} already holds a run ({', '.join(os.path.basename(p) for p in old)}).\n"
+                            f"HINT: --resume to continue it, --overwrite to delete it, or another --out.")
+        for path in old:
+            os.remove(path)
+        print(f"--overwrite: deleted {len(old)} files of the earlier run in {out}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(argv):
+    opts, flags, overrides = parse_args(argv)
+    cfg = make_config(opts["preset"], **overrides)
+    out = opts["out"]
+    prepare_out_dir(out, flags["resume"], flags["overwrite"])
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ptdtype = resolve_dtype(cfg, device)
+
+    # Data. The vocabulary is the tokenizer's, padded to 128, unless --vocab_size says otherwise.
+    data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed)
+    tokenizer = data.tokenizer
+    if "vocab_size" not in overrides:
+        cfg.vocab_size = pad_vocab(tokenizer["n_vocab"])
+    elif cfg.vocab_size < tokenizer["n_vocab"]:
+        raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"
+                        f" tokens).\nHINT: drop --vocab_size, or prepare the data with the model's tokenizer.")
+    tokens_per_micro = cfg.micro_batch * cfg.seq_len
+    if cfg.batch_tokens % tokens_per_micro:
+        raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len = "
+                        f"{tokens_per_micro:,}.\nHINT: set --batch_tokens to a multiple, e.g. "
+                        f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
+    grad_accum = cfg.batch_tokens // tokens_per_micro
+    for suffix in (".tiktoken", ".json"):  # keep the tokenizer beside the checkpoints, for sample.py
+        src = os.path.join(opts["data"], "tokenizer" + suffix)
+        if os.path.exists(src) and not os.path.exists(os.path.join(out, "tokenizer" + suffix)):
+            shutil.copyfile(src, os.path.join(out, "tokenizer" + suffix))
+
+    # Model and optimizer. AdamW decays matrices and embeddings, not biases or LayerNorm gains.
+    torch.manual_seed(cfg.seed)
+    model = Yuan(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device or torch build
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    scaler = LossScaler(enabled=cfg.dtype == "fp16")
+
+    step = 0
+    if flags["resume"] and checkpoints(out):
+        path = list(checkpoints(out).values())[-1]
+        ckpt = load_checkpoint(path)
+        check_compatible(ckpt, cfg, tokenizer, path)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        step = ckpt["step"]
+        changed = [k for k, v in ckpt["config"].items() if k != "max_steps" and getattr(cfg, k, v) != v]
+        print(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+    elif flags["resume"]:
+        print(f"--resume: no checkpoint in {out}, starting from step 0")
+    metrics = Metrics(out, step)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops(cfg, device)
+    print(f"model {opts['preset']}: {n_params:,} params, vocab {cfg.vocab_size:,}, {cfg.dtype} on {device}; "
+          f"{cfg.batch_tokens:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches")
+    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=cfg.dtype != "fp32")
+    bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, mininterval=1.0)
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad(), autocast:
+            losses = [model(x.to(device), y.to(device))[1].item() for x, y in data.val_batches(cfg.eval_batches)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    ran_steps = step < cfg.max_steps
+    while step < cfg.max_steps:
+        step += 1
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = data.train_batch(step, micro)
+            with autocast:
+                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss_sum += loss.detach()
+            (loss * (scaler.scale / grad_accum)).backward()
+        grad_norm, finite = scaler.unscale_and_clip(params, cfg.grad_clip)
+        if finite:
+            opt.step()
+        scaler.update(finite)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_sum.item() / grad_accum  # .item() waits for the device, so the time below is honest
+        dt = time.perf_counter() - t0
+        tok_s = cfg.batch_tokens / dt
+        mfu = flops_per_token(cfg) * tok_s / peak if peak else None
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            metrics.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * cfg.batch_tokens,
+                        tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.scale, skipped=not finite)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1%}",
+                        refresh=False)
+        bar.update()
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            val_loss = evaluate()
+            metrics.log(step=step, val_loss=val_loss)
+            bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+            save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, cfg.keep_ckpts)
+    bar.close()
+    if ran_steps:
+        print(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data {data.unigram_entropy():.4f} "
+              f"(the best loss without context). Checkpoints in {out}")
+    else:
+        print(f"nothing to do: {out} is already at step {step} = max_steps")
+    return model
+
+
+def main(argv=None):
+    try:
+        train(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
