@@ -81,8 +81,8 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "ffn_hidden", "seq_len", "vocab_s
 PRESETS = {
     # vocab_size 0 = from the data; the counts in the comments use the vocabulary given here.
     "tiny": dict(n_layer=4, n_head=6, n_embd=192, seq_len=128, vocab_size=4096,  # 2,590,848 params
-                 micro_batch=16, batch_tokens=2048, lr=3e-3, warmup_steps=40, max_steps=400,
-                 eval_interval=100, eval_batches=16, ckpt_interval=200),  # `make demo`: ~5 min on 2 CPU cores
+                 micro_batch=8, batch_tokens=1024, lr=2e-3, warmup_steps=50, max_steps=1000,
+                 eval_interval=200, eval_batches=32, ckpt_interval=500),  # `make demo`: ~6 min on 2 CPU cores
     "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50304,  # 124,475,904 params
                   micro_batch=8, batch_tokens=524288, lr=6e-4, warmup_steps=700, max_steps=19000,
                   eval_interval=500, ckpt_interval=1000),
