@@ -181,7 +181,7 @@ HEADER_BYTES = 64  # HEADER padded with zeros, so the token array starts aligned
 
 
 def write_tokens(path, chunks, n_vocab, tok_hash):
-    """Write an iterable of uint16 arrays to path via path.tmp + rename: a crash never leaves a complete-looking file."""
+    """Write uint16 arrays to path.tmp, then rename it to path: a crash never leaves a complete-looking file."""
     n = 0
     with open(path + ".tmp", "wb") as f:
         f.write(b"\0" * HEADER_BYTES)

@@ -167,7 +167,9 @@ def checkpoints(out):
 
 
 def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, keep):
+    # The data position is (seed, step): Batches draws step s's windows from a generator seeded by them.
     state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": model.state_dict(),
+             "data_position": {"seed": cfg.seed, "next_step": step + 1},
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL, read_metrics, run
-from model import Config, Yuan
+from model import Config, UserError, Yuan
 from train import LossScaler, lr_at, parse_args
-from model import UserError
 
 EXACT = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "loss_scale", "skipped")
 
@@ -100,7 +99,8 @@ def test_train_metrics_checkpoint_and_sample(prepared, tmp_path):
     assert sorted(os.listdir(out)) == ["ckpt_0000008.pt", "ckpt_0000010.pt", "config.json", "metrics.jsonl",
                                        "tokenizer.json", "tokenizer.tiktoken"]
     ckpt = torch.load(out / "ckpt_0000010.pt", weights_only=True)
-    assert ckpt["step"] == 10 and set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config", "tokenizer"}
+    assert ckpt["step"] == 10 and ckpt["data_position"] == {"seed": 1234, "next_step": 11}
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config", "tokenizer"}
     proc = run("sample.py", "--out", out, "--prompt", "曹操", "--max-new-tokens", 8, "--num-samples", 1)
     assert "曹操" in proc.stdout and "step 10" in proc.stdout
 
