@@ -30,7 +30,7 @@ class Config:
     seq_len: int = 128  # context length T (learned position embeddings)
     vocab_size: int = 0  # padded vocabulary; 0 means: taken from the data's tokenizer, padded to 128
     dropout: float = 0.0  # dropout on attention probabilities and residual branches
-    layernorm_eps: float = 1e-5
+    layernorm_eps: float = 1e-5  # LayerNorm epsilon
     init_std: float = 0.02  # N(0, init_std) init; output projections get init_std / sqrt(2 * n_layer)
     # --- training ---
     max_steps: int = 200  # optimizer steps
@@ -42,8 +42,7 @@ class Config:
     lr_decay_steps: int = 0  # cosine length in steps; 0 means max_steps
     weight_decay: float = 0.1  # AdamW decay on matrices and embeddings only
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
-    dtype: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on GPUs with it, fp16 on V100, fp32 on CPU); master
-    #                       weights are fp32 in every case
+    dtype: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on GPU, fp16 if it lacks bf16, fp32 on CPU)
     seed: int = 1234  # model init, dropout and data order
     eval_interval: int = 50  # evaluate on val.bin every N steps (and after the last)
     eval_batches: int = 8  # micro-batches per evaluation

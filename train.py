@@ -6,6 +6,7 @@ config -> data -> model -> optimizer -> loop (lr, micro-batches, clip, step, log
 Every Config field (see model.py) can be overridden as --FIELD VALUE (dashes or underscores).
 """
 import difflib
+import inspect
 import json
 import math
 import os
@@ -41,8 +42,24 @@ CKPT_RE = re.compile(r"^ckpt_(\d{7})\.pt$")
 # Command line
 
 
+def usage():
+    """The module docstring, then every Config field with its type, default and the comment beside it in model.py."""
+    lines = [__doc__, "  --preset NAME      " + " | ".join(PRESETS), "  --data DIR         output of data.py prepare",
+             "  --out DIR          checkpoints, metrics.jsonl, config.json", "  --resume           continue from the "
+             "newest checkpoint in --out", "  --overwrite        delete the run in --out and start again", "",
+             "Config fields (defaults before the preset's values):"]
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): (\w+) = ([^#]+?)\s*(?:#\s*(.*))?$", line)
+        if m:
+            lines.append(f"  --{m[1]:<16} {m[2]:<5} {m[3]:<10} {m[4] or ''}")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     """--preset, --data, --out, --resume, --overwrite, then any Config field as --FIELD VALUE, typed by the field."""
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        sys.exit(0)
     opts = {"preset": None, "data": None, "out": None}
     flags = {"resume": False, "overwrite": False}
     overrides, types = {}, {f.name: f.type for f in fields(Config)}
@@ -226,15 +243,18 @@ class Metrics:
 
 def prepare_out_dir(out, resume, overwrite):
     """Refuse to start a fresh run over an earlier one unless told to (--resume or --overwrite)."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them.")
     os.makedirs(out, exist_ok=True)
-    old = [os.path.join(out, n) for n in sorted(os.listdir(out))
-           if CKPT_RE.match(n) or n.startswith("metrics.") and n.endswith(".jsonl")]
+    names = sorted(os.listdir(out))
+    old = [n for n in names if CKPT_RE.match(n) or n.startswith("metrics.") and n.endswith(".jsonl")]
     if old and not resume:
         if not overwrite:
-            raise UserError(f"{out} already holds a run ({', '.join(os.path.basename(p) for p in old)}).\n"
+            raise UserError(f"{out} already holds a run ({', '.join(old)}).\n"
                             f"HINT: --resume to continue it, --overwrite to delete it, or another --out.")
-        for path in old:
-            os.remove(path)
+        old += [n for n in names if n in ("config.json", "tokenizer.tiktoken", "tokenizer.json")]
+        for name in old:
+            os.remove(os.path.join(out, name))
         print(f"--overwrite: deleted {len(old)} files of the earlier run in {out}")
 
 
@@ -246,7 +266,6 @@ def train(argv):
     opts, flags, overrides = parse_args(argv)
     cfg = make_config(opts["preset"], **overrides)
     out = opts["out"]
-    prepare_out_dir(out, flags["resume"], flags["overwrite"])
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -266,6 +285,7 @@ def train(argv):
                         f"{tokens_per_micro:,}.\nHINT: set --batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
     grad_accum = cfg.batch_tokens // tokens_per_micro
+    prepare_out_dir(out, flags["resume"], flags["overwrite"])  # only now: a mistake above must not cost the old run
     for suffix in (".tiktoken", ".json"):  # keep the tokenizer beside the checkpoints, for sample.py
         src = os.path.join(opts["data"], "tokenizer" + suffix)
         if os.path.exists(src) and not os.path.exists(os.path.join(out, "tokenizer" + suffix)):
@@ -300,8 +320,9 @@ def train(argv):
     elif flags["resume"]:
         print(f"--resume: no checkpoint in {out}, starting from step 0")
     metrics = Metrics(out, step)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
+    if step == 0:  # a record for people; on resume the checkpoint's config is the one that counts
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
 
     n_params = sum(p.numel() for p in model.parameters())
     peak = peak_flops(cfg, device)

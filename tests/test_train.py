@@ -52,6 +52,13 @@ def test_loss_scaler_skips_inf_and_recovers():
     assert scaler.scale == 1024.0 and not params[3].equal(before[3])
 
 
+def test_help_lists_every_field():
+    proc = run("train.py", "--help")
+    for f in ("--max_steps", "--dtype", "--keep_ckpts", "--preset", "--resume"):
+        assert f in proc.stdout
+    assert "transformer blocks" in proc.stdout  # the field's comment from model.py
+
+
 def test_lr_schedule():
     cfg = Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(5, cfg) == pytest.approx(0.5) and lr_at(10, cfg) == pytest.approx(1.0)
@@ -148,6 +155,11 @@ def test_existing_run_is_not_overwritten(prepared, tmp_path):
     proc = run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 2, check=False)
     assert proc.returncode != 0 and "--resume" in proc.stderr and "--overwrite" in proc.stderr
     assert open(out / "metrics.jsonl").read() == before and (out / "ckpt_0000002.pt").exists()
+    # A mistake elsewhere on the command line stops the run before --overwrite deletes anything.
+    proc = run("train.py", *SMALL, "--data", out / "no-such-data", "--out", out, "--overwrite", check=False)
+    assert proc.returncode != 0 and (out / "ckpt_0000002.pt").exists()
+    proc = run("train.py", *SMALL, "--data", prepared, "--out", out, "--overwrite", "--resume", check=False)
+    assert proc.returncode != 0 and "pass one of them" in proc.stderr and (out / "ckpt_0000002.pt").exists()
     run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 1, "--overwrite")
     assert not (out / "ckpt_0000002.pt").exists() and len(read_metrics(out)) == 2  # step 1 + its eval
 
@@ -191,3 +203,8 @@ def test_corrupt_data_and_checkpoint(prepared, tmp_path):
 def test_missing_data_dir(tmp_path):
     proc = run("train.py", *SMALL, "--data", tmp_path / "nope", "--out", tmp_path / "run", check=False)
     assert proc.returncode != 0 and "data.py prepare" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sample_without_checkpoint(tmp_path):
+    proc = run("sample.py", "--out", tmp_path, check=False)
+    assert proc.returncode != 0 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
