@@ -161,7 +161,9 @@ def read_documents(path, stats):
                 try:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: not a JSON object with a \"text\" field.") from None
+                    text = None
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{lineno}: not a JSON object with a \"text\" string.")
             else:
                 text = line.replace("<n>", "\n")
             stats.docs += 1
@@ -250,7 +252,8 @@ def prepare(inputs, tokenizer, out, val_fraction=0.05):
                 g.write(f.read())
     meta = dict(format_version=VERSION, tokenizer=tok, tokenizer_spec=tokenizer, sources=inputs,
                 documents=stats.docs, val_documents=len(split["val"]), characters=stats.chars,
-                replaced_bytes=stats.bad_bytes, tokens=counts, val_fraction=val_fraction)
+                replaced_bytes=stats.bad_bytes, empty_files=stats.empty_files, tokens=counts,
+                val_fraction=val_fraction)
     with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))

@@ -56,9 +56,10 @@ def test_jsonl_and_non_utf8(tokenizer, tmp_path):
 
 
 def test_bad_jsonl_line(tokenizer, tmp_path):
-    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    with pytest.raises(UserError, match=r"x.jsonl:2"):
-        prepare([str(tmp_path / "x.jsonl")], tokenizer, str(tmp_path / "out"))
+    for n, bad in enumerate(['{"body": "no text field"}', '{"text": 42}', 'not json', '[1, 2]']):
+        (tmp_path / f"x{n}.jsonl").write_text('{"text": "ok"}\n' + bad + "\n")
+        with pytest.raises(UserError, match=rf"x{n}.jsonl:2"):
+            prepare([str(tmp_path / f"x{n}.jsonl")], tokenizer, str(tmp_path / f"out{n}"))
 
 
 @pytest.mark.parametrize("make, message", [
