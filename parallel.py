@@ -1,0 +1,260 @@
+"""Distributed training by hand: the MPI bootstrap, Megatron-style tensor-parallel layers.
+
+Work in progress for issue 3: the bootstrap and the tensor-parallel building blocks below are tested against the
+unsharded computation (tests/test_parallel.py); model.py and train.py do not use them yet, and the data-parallel
+gradient reduction is still to be written.
+
+Ranks are laid out as blocks of `tp` consecutive ranks (one tensor-parallel group, kept inside a node) and the
+data-parallel groups are the strided rest. With 8 ranks and tp=4:
+
+    rank:      0 1 2 3 | 4 5 6 7
+    tp group:  [0 1 2 3] [4 5 6 7]          tp_rank = rank % tp
+    dp group:  [0 4] [1 5] [2 6] [3 7]      dp_rank = rank // tp
+"""
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import UserError
+
+
+@dataclass
+class Dist:
+    """Everything a layer or the loop needs to know about the process layout. Passed explicitly, never global."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0  # rank within this node
+    local_world: int = 1
+    tp: int = 1  # tensor-parallel size
+    tp_rank: int = 0
+    tp_group: object = None  # torch.distributed group of this rank's tp ranks (None when tp == 1)
+    dp: int = 1  # data-parallel size
+    dp_rank: int = 0
+    dp_group: object = None
+    device: torch.device = torch.device("cpu")
+
+    def print0(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+
+def _mpi_world():
+    """mpi4py's COMM_WORLD, or None when there is no MPI (a plain `python train.py` is a world of one, even where
+    libmpi is missing or broken)."""
+    try:
+        from mpi4py import MPI
+        return MPI, MPI.COMM_WORLD
+    except Exception:  # ImportError, or RuntimeError from a missing libmpi
+        return None, None
+
+
+def init_distributed(tp=1, device=""):
+    """Bootstrap torch.distributed from MPI. Rank and world size come from COMM_WORLD, the local rank from a
+    shared-memory split; rank 0 picks the rendezvous address (MASTER_ADDR/MASTER_PORT override) and broadcasts it."""
+    MPI, comm = _mpi_world()
+    world = comm.Get_size() if comm is not None else 1
+    if world % tp:
+        raise UserError(f"world size {world} is not divisible by --tp {tp}.\n"
+                        f"HINT: launch a multiple of {tp} ranks, or pick --tp among the divisors of {world}.")
+    if world == 1:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(device=dev)
+    rank = comm.Get_rank()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_world = local.Get_rank(), local.Get_size()
+    addr = port = None
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        port = os.environ.get("MASTER_PORT")
+        if not port:
+            with socket.socket() as s:  # a free port on this host; freed again for torch to bind
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+        port = int(port)
+    addr, port = comm.bcast((addr, port), root=0)
+    if torch.cuda.is_available() and device != "cpu":
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        backend = "gloo"
+    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
+    # Every rank must create every group, in the same order, even the groups it is not in.
+    tp_group = dp_group = None
+    for start in range(0, world, tp):
+        g = tdist.new_group(list(range(start, start + tp)))
+        if start <= rank < start + tp:
+            tp_group = g
+    for offset in range(tp):
+        g = tdist.new_group(list(range(offset, world, tp)))
+        if rank % tp == offset:
+            dp_group = g
+    return Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
+                tp_group=tp_group if tp > 1 else None, dp=world // tp, dp_rank=rank // tp,
+                dp_group=dp_group if world // tp > 1 else None, device=dev)
+
+
+def run_or_abort(main):
+    """Run main(). If this rank raises, print the error and abort the whole MPI world, so that no other rank waits
+    forever in a collective: the job ends promptly with a non-zero exit."""
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        MPI, comm = _mpi_world()
+        if comm is not None and comm.Get_size() > 1:
+            comm.Abort(1)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The two conjugate operators of tensor parallelism (Megatron-LM paper, section 3, figure 3).
+
+
+class CopyToTP(torch.autograd.Function):
+    """f: forward identity, backward all-reduce. Placed where a replicated activation enters sharded matmuls: each
+    rank's shard contributes a partial gradient for the input, and the full gradient is their sum."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        tdist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """g: forward all-reduce, backward identity. Placed where sharded partial sums become one replicated
+    activation; the gradient of a sum with respect to each term is the gradient of the sum itself."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        tdist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def f(x, dist):
+    return CopyToTP.apply(x, dist.tp_group) if dist.tp > 1 else x
+
+
+def g(x, dist):
+    return ReduceFromTP.apply(x, dist.tp_group) if dist.tp > 1 else x
+
+
+def shard(full, dist, dim):
+    """This rank's contiguous slice of a full tensor along dim (every rank built the same full tensor)."""
+    return full.chunk(dist.tp, dim=dim)[dist.tp_rank].clone()
+
+
+def _full_normal(shape, std, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A + b with A split by columns: A = [A_1 ... A_tp]; rank r computes Y_r = f(X) A_r + b_r.
+    Input [B, T, C] replicated -> output [B, T, out/tp], sharded (fed to a RowParallelLinear, never gathered)."""
+
+    def __init__(self, in_features, out_features, dist, std=0.02, seed=0):
+        super().__init__()
+        if out_features % dist.tp:
+            raise UserError(f"output size {out_features} is not divisible by tensor-parallel size {dist.tp}.")
+        self.dist = dist
+        self.weight = nn.Parameter(shard(_full_normal((out_features, in_features), std, seed), dist, 0))
+        self.bias = nn.Parameter(torch.zeros(out_features // dist.tp))
+
+    def forward(self, x):
+        return F.linear(f(x, self.dist), self.weight, self.bias)  # [B, T, C] -> [B, T, out/tp]
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A + b with A split by rows (X by columns): rank r computes X_r A_r, then g sums the partial products.
+    Input [B, T, in/tp] sharded -> output [B, T, out] replicated. The bias is added once, after the sum."""
+
+    def __init__(self, in_features, out_features, dist, std=0.02, seed=0):
+        super().__init__()
+        if in_features % dist.tp:
+            raise UserError(f"input size {in_features} is not divisible by tensor-parallel size {dist.tp}.")
+        self.dist = dist
+        self.weight = nn.Parameter(shard(_full_normal((out_features, in_features), std, seed), dist, 1))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return g(F.linear(x, self.weight), self.dist) + self.bias  # [B, T, in/tp] -> [B, T, out]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by vocabulary rows: rank r holds rows [r V/tp, (r+1) V/tp). Each rank looks up
+    the ids it owns, writes zeros for the others, and g sums the partial results. Input [B, T] -> [B, T, C]."""
+
+    def __init__(self, vocab_size, dim, dist, std=0.02, seed=0):
+        super().__init__()
+        if vocab_size % dist.tp:
+            raise UserError(f"vocabulary {vocab_size} is not divisible by tensor-parallel size {dist.tp}.\n"
+                            f"HINT: pad the vocabulary to a multiple of 128 * tp.")
+        self.dist, self.per_rank = dist, vocab_size // dist.tp
+        self.start = dist.tp_rank * self.per_rank
+        self.weight = nn.Parameter(shard(_full_normal((vocab_size, dim), std, seed), dist, 0))
+
+    def forward(self, idx):
+        local = idx - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, T, C]
+        return g(x.masked_fill(outside.unsqueeze(-1), 0.0), self.dist)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, start, group):
+        """logits [N, V/tp] (this rank's vocabulary slice), targets [N] global ids -> loss [N]."""
+        logits = logits.float()
+        # why: softmax needs the max over the whole vocabulary for a stable exp; each rank only has its slice.
+        max_logit = logits.max(dim=-1).values
+        tdist.all_reduce(max_logit, op=tdist.ReduceOp.MAX, group=group)
+        logits = logits - max_logit.unsqueeze(-1)
+        # why: the target's logit lives on exactly one rank; the others contribute 0 to the sum.
+        local = targets - start
+        mine = (local >= 0) & (local < logits.size(-1))
+        rows = torch.arange(logits.size(0), device=logits.device)
+        target_logit = logits[rows, local.clamp(0, logits.size(-1) - 1)] * mine
+        tdist.all_reduce(target_logit, group=group)
+        # why: the softmax denominator sums exp over all V entries = the sum of every rank's partial sum.
+        exp = logits.exp()
+        sum_exp = exp.sum(dim=-1)
+        tdist.all_reduce(sum_exp, group=group)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, mine = ctx.saved_tensors  # d loss / d logits = softmax - one_hot(target), per rank's slice
+        rows = torch.arange(softmax.size(0), device=softmax.device)
+        g_logits = softmax.clone()
+        g_logits[rows, local.clamp(0, softmax.size(-1) - 1)] -= mine.float()
+        return g_logits * grad.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, targets, dist, start):
+    """Mean cross-entropy of logits [N, V/tp] against targets [N] without ever gathering [N, V] on one rank."""
+    if dist.tp == 1:
+        return F.cross_entropy(logits.float(), targets)
+    return _VocabParallelCrossEntropy.apply(logits, targets, start, dist.tp_group).mean()
