@@ -325,7 +325,7 @@ def train(argv):
             json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
 
     n_params = sum(p.numel() for p in model.parameters())
-    peak = peak_flops(cfg, device)
+    peak, flops = peak_flops(cfg, device), flops_per_token(cfg)
     print(f"model {opts['preset']}: {n_params:,} params, vocab {cfg.vocab_size:,}, {cfg.dtype} on {device}; "
           f"{cfg.batch_tokens:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches")
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=cfg.dtype != "fp32")
@@ -360,7 +360,7 @@ def train(argv):
         loss = loss_sum.item() / grad_accum  # .item() waits for the device, so the time below is honest
         dt = time.perf_counter() - t0
         tok_s = cfg.batch_tokens / dt
-        mfu = flops_per_token(cfg) * tok_s / peak if peak else None
+        mfu = flops * tok_s / peak if peak else None
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             metrics.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * cfg.batch_tokens,
                         tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.scale, skipped=not finite)

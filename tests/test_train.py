@@ -208,3 +208,12 @@ def test_missing_data_dir(tmp_path):
 def test_sample_without_checkpoint(tmp_path):
     proc = run("sample.py", "--out", tmp_path, check=False)
     assert proc.returncode != 0 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mfu_with_given_peak(prepared, tmp_path):
+    """With --peak_tflops, mfu = (6 N_matmul + 12 L h T) * tokens/s / peak."""
+    from model import flops_per_token, make_config
+    run("train.py", *SMALL, "--data", prepared, "--out", tmp_path / "r", "--max_steps", 2, "--peak_tflops", 0.001)
+    cfg = make_config("tiny", n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=512)
+    for r in (r for r in read_metrics(tmp_path / "r") if "loss" in r):
+        assert r["mfu"] == pytest.approx(flops_per_token(cfg) * r["tokens_per_s"] / 1e9)
