@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from model import UserError
+from errors import UserError
 
 # Pre-tokenizer split (GPT-2's, which tiktoken's r50k_base also uses). Runs of Chinese characters stay one piece,
 # so BPE can learn multi-character words such as 玄德 or 丞相.
@@ -269,9 +269,10 @@ def prepare(inputs, tokenizer, out, val_fraction=0.05):
 
 class Batches:
     """Windows of seq_len + 1 tokens from a prepared directory. Training windows are a pure function of
-    (seed, step, micro-step, rank): a resumed run reads exactly the batches the uninterrupted run would have."""
+    (seed, step, global micro-batch index): a resumed run reads exactly the batches the uninterrupted run would
+    have read, and every data-parallel rank reads different ones."""
 
-    def __init__(self, data_dir, seq_len, micro_batch, seed, rank=0):
+    def __init__(self, data_dir, seq_len, micro_batch, seed, rank=0, dp=1):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"{meta_path} not found: {data_dir} is not a prepared data directory.\n"
@@ -279,7 +280,7 @@ class Batches:
         with open(meta_path) as f:
             self.meta = json.load(f)
         self.tokenizer = self.meta["tokenizer"]
-        self.seq_len, self.micro_batch, self.seed, self.rank = seq_len, micro_batch, seed, rank
+        self.seq_len, self.micro_batch, self.seed, self.rank, self.dp = seq_len, micro_batch, seed, rank, dp
         self.train, self.val = (open_tokens(os.path.join(data_dir, f"{s}.bin"), self.tokenizer["n_vocab"],
                                             self.tokenizer["hash"]) for s in ("train", "val"))
         for name, arr in (("train", self.train), ("val", self.val)):
@@ -300,7 +301,9 @@ class Batches:
         return w[:, :-1], w[:, 1:]  # inputs [B, T], targets [B, T]
 
     def train_batch(self, step, micro):
-        rng = np.random.default_rng([self.seed, step, micro, self.rank])
+        """Micro-batch `micro` of data-parallel rank `rank`. Its windows depend on its index in the global batch,
+        micro * dp + rank, so the global batch of a step is the same whatever the data-parallel size."""
+        rng = np.random.default_rng([self.seed, step, micro * self.dp + self.rank])
         return self._stack(self.train, rng.integers(0, len(self.train) - self.seq_len, size=self.micro_batch))
 
     def val_batches(self, n):

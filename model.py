@@ -9,15 +9,16 @@ Each piece that tensor parallelism will later shard is its own named module: the
 word embedding (`wte`, also the LM head). `python model.py` prints the presets with exact parameter counts.
 """
 import math
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class UserError(Exception):
-    """A mistake the user can fix. Command-line entry points print it in one block, without a traceback."""
+from errors import UserError
+from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, f, full_normal,
+                      vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Config:
     keep_ckpts: int = 2  # how many recent checkpoints to keep
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
+    # --- parallelism (parallel.py) ---
+    tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
+    bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
 
     def __post_init__(self):
         if self.ffn_hidden == 0:
@@ -59,6 +63,11 @@ class Config:
                      "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_ckpts"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} = {getattr(self, name)} must be at least 1.")
+        if self.tp < 1:
+            raise UserError(f"tp = {self.tp} must be at least 1.")
+        if self.n_head % self.tp or self.ffn_hidden % self.tp:
+            raise UserError(f"n_head = {self.n_head} and ffn_hidden = {self.ffn_hidden} must both be divisible by "
+                            f"tp = {self.tp}.\nHINT: pick --tp among the common divisors, e.g. 1, 2, 4, 8 for yuan-4.7b.")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd = {self.n_embd} is not divisible by n_head = {self.n_head}.\n"
                             f"HINT: pick n_head among the divisors of {self.n_embd}, or change n_embd.")
@@ -127,98 +136,107 @@ def flops_per_token(cfg):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    """Causal self-attention. Under tensor parallelism each rank owns n_head / tp whole heads: the QKV projection is
+    column-split (its output columns are grouped per head), the output projection row-split."""
+
+    def __init__(self, cfg, dist):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused Q, K, V   (tensor parallel: column-split)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)  # output projection (tensor parallel: row-split)
+        self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // cfg.tp, cfg.head_dim, cfg.dropout, dist
+        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist)  # fused Q, K, V of this rank's heads
+        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist)  # output projection, partial sums reduced by g
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x, rng):
         B, T, C = x.shape
-        qkv = self.qkv(x)  # [B, T, 3C]
+        qkv = self.qkv(x)  # [B, T, 3C/tp]
         # Per head the layout is [q | k | v] so that a tensor-parallel shard of whole heads is a contiguous slice.
-        qkv = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # [B, nh, T, 3hd]
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [B, nh, T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)  # [B, nh, T, hd]
-        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
-        return self.resid_drop(self.proj(y))
+        qkv = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # [B, nh/tp, T, 3hd]
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [B, nh/tp, T, hd]
+        with rng.fork():  # dropout on this rank's own heads draws from this rank's own generator
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)  # [B, nh/tp, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, C // self.dist.tp)  # [B, T, C/tp]
+        return self.resid_drop(self.proj(y))  # [B, T, C], replicated: its dropout mask is shared by the TP group
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, dist):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.ffn_hidden)  # up   (tensor parallel: column-split)
-        self.proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd)  # down (tensor parallel: row-split)
+        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist)  # up
+        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist)  # down
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):  # [B, T, C] -> [B, T, F] -> [B, T, C]
+    def forward(self, x):  # [B, T, C] -> [B, T, F/tp] -> [B, T, C]
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
     """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, dist):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, dist)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, dist)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rng):
+        x = x + self.attn(self.ln_1(x), rng)
         return x + self.mlp(self.ln_2(x))
 
 
 class Yuan(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, dist=None):
         super().__init__()
         if cfg.vocab_size < 1:
             raise UserError("vocab_size is not set: pass --vocab_size N or let train.py take it from the data.")
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # word embedding, also the LM head (tied)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions
+        self.cfg, self.dist = cfg, dist or Dist()
+        if self.dist.tp != cfg.tp:
+            raise UserError(f"config tp = {cfg.tp} but the process layout has tp = {self.dist.tp}.")
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist)  # also the LM head (tied)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions (replicated)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, self.dist) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
         """Megatron's init: weights ~ N(0, 0.02), the two residual-output projections scaled by 1/sqrt(2L)
-        (GPT-2 paper, section 2.3), biases zero, LayerNorm gain one."""
+        (GPT-2 paper, section 2.3), biases zero, LayerNorm gain one. Every matrix is drawn whole from a generator
+        seeded by (seed, its name) and then sliced, so the model at any tensor-parallel size starts identical."""
         out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, out_std)
-            elif p.dim() == 2:
-                nn.init.normal_(p, 0.0, self.cfg.init_std)
-            elif "ln" in name and name.endswith("weight"):
-                nn.init.ones_(p)
-            else:
-                nn.init.zeros_(p)
+        for name, m in self.named_modules():
+            seed = self.cfg.seed * 1_000_003 + zlib.crc32(name.encode())
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+                m.reset_parameters(out_std if name.endswith("proj") else self.cfg.init_std, seed)
+            elif isinstance(m, nn.Embedding) and not m.weight.is_meta:
+                m.weight.copy_(full_normal(m.weight.shape, self.cfg.init_std, seed))
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, idx, targets=None):
-        """idx [B, T] token ids. Returns logits [B, T, V] and, with targets [B, T], the mean cross-entropy."""
+        """idx [B, T] token ids. Returns logits [B, T, V/tp] (this rank's vocabulary slice) and, with targets
+        [B, T], the mean cross-entropy over the whole vocabulary."""
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise UserError(f"sequence of {T} tokens is longer than seq_len = {self.cfg.seq_len}.")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, self.dist.rng)
         x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)  # tied head: [B, T, C] @ [C, V] -> [B, T, V]
+        logits = F.linear(f(x, self.dist), self.wte.weight)  # tied head: [B, T, C] @ [C, V/tp] -> [B, T, V/tp]
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = vocab_parallel_cross_entropy(logits.view(B * T, -1), targets.reshape(-1), self.dist, self.wte.start)
         return logits, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
-        """Sample continuations of idx [B, T0]. temperature 0 means greedy; top_k keeps the k likeliest tokens."""
+        """Sample continuations of idx [B, T0]. temperature 0 means greedy; top_k keeps the k likeliest tokens.
+        Single process only (tp = 1): sample.py loads a checkpoint into one process."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.cfg.seq_len:])
             logits = logits[:, -1, :].float()  # [B, V]

@@ -1,8 +1,7 @@
 """Distributed training by hand: the MPI bootstrap, Megatron-style tensor-parallel layers.
 
-Work in progress for issue 3: the bootstrap and the tensor-parallel building blocks below are tested against the
-unsharded computation (tests/test_parallel.py); model.py and train.py do not use them yet, and the data-parallel
-gradient reduction is still to be written.
+Every layer here is tested against the unsharded computation under `mpiexec` (tests/test_parallel.py). At
+tensor-parallel size 1 the collectives are skipped and the layers are plain nn.Linear / nn.Embedding arithmetic.
 
 Ranks are laid out as blocks of `tp` consecutive ranks (one tensor-parallel group, kept inside a node) and the
 data-parallel groups are the strided rest. With 8 ranks and tp=4:
@@ -11,18 +10,20 @@ data-parallel groups are the strided rest. With 8 ranks and tp=4:
     tp group:  [0 1 2 3] [4 5 6 7]          tp_rank = rank % tp
     dp group:  [0 4] [1 5] [2 6] [3 7]      dp_rank = rank // tp
 """
+import math
 import os
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UserError
+from errors import UserError
 
 
 @dataclass
@@ -39,6 +40,11 @@ class Dist:
     dp_rank: int = 0
     dp_group: object = None
     device: torch.device = torch.device("cpu")
+    rng: "TPRandom" = field(default=None, compare=False)  # dropout generator of this tensor-parallel rank
+
+    def __post_init__(self):
+        if self.rng is None:
+            self.rng = TPRandom(self.tp, self.tp_rank, self.device)
 
     def print0(self, *args, **kwargs):
         if self.rank == 0:
@@ -104,17 +110,21 @@ def init_distributed(tp=1, device=""):
 
 
 def run_or_abort(main):
-    """Run main(). If this rank raises, print the error and abort the whole MPI world, so that no other rank waits
-    forever in a collective: the job ends promptly with a non-zero exit."""
+    """Run main(). A UserError prints its message, anything else its traceback; then, if this is one rank of
+    several, abort the whole MPI world so that no other rank waits forever in a collective: the job ends promptly
+    with a non-zero exit."""
     try:
         main()
+        return
+    except UserError as e:
+        message = f"error: {e}"
     except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        MPI, comm = _mpi_world()
-        if comm is not None and comm.Get_size() > 1:
-            comm.Abort(1)
-        sys.exit(1)
+        message = traceback.format_exc()
+    print(message, file=sys.stderr, flush=True)
+    MPI, comm = _mpi_world()
+    if comm is not None and comm.Get_size() > 1:
+        comm.Abort(1)
+    sys.exit(1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -165,22 +175,39 @@ def shard(full, dist, dim):
     return full.chunk(dist.tp, dim=dim)[dist.tp_rank].clone()
 
 
-def _full_normal(shape, std, seed):
+def full_normal(shape, std, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+def _sharded(shape, dim, dist):
+    """An uninitialised parameter of this rank's slice of `shape`, marked so that gradient clipping sums it over
+    the tensor-parallel group (see clip_grad_norm)."""
+    local = list(shape)
+    local[dim] //= dist.tp
+    p = nn.Parameter(torch.empty(local))
+    p.tp_sharded = True
+    return p
 
 
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: A = [A_1 ... A_tp]; rank r computes Y_r = f(X) A_r + b_r.
     Input [B, T, C] replicated -> output [B, T, out/tp], sharded (fed to a RowParallelLinear, never gathered)."""
 
-    def __init__(self, in_features, out_features, dist, std=0.02, seed=0):
+    def __init__(self, in_features, out_features, dist):
         super().__init__()
         if out_features % dist.tp:
             raise UserError(f"output size {out_features} is not divisible by tensor-parallel size {dist.tp}.")
         self.dist = dist
-        self.weight = nn.Parameter(shard(_full_normal((out_features, in_features), std, seed), dist, 0))
-        self.bias = nn.Parameter(torch.zeros(out_features // dist.tp))
+        self.weight = _sharded((out_features, in_features), 0, dist)  # torch's [out, in] layout: split rows
+        self.bias = _sharded((out_features,), 0, dist)
+
+    @torch.no_grad()
+    def reset_parameters(self, std, seed):
+        if not self.weight.is_meta:
+            full = full_normal((self.weight.size(0) * self.dist.tp, self.weight.size(1)), std, seed)
+            self.weight.copy_(shard(full, self.dist, 0))
+            self.bias.zero_()
 
     def forward(self, x):
         return F.linear(f(x, self.dist), self.weight, self.bias)  # [B, T, C] -> [B, T, out/tp]
@@ -190,13 +217,20 @@ class RowParallelLinear(nn.Module):
     """Y = X A + b with A split by rows (X by columns): rank r computes X_r A_r, then g sums the partial products.
     Input [B, T, in/tp] sharded -> output [B, T, out] replicated. The bias is added once, after the sum."""
 
-    def __init__(self, in_features, out_features, dist, std=0.02, seed=0):
+    def __init__(self, in_features, out_features, dist):
         super().__init__()
         if in_features % dist.tp:
             raise UserError(f"input size {in_features} is not divisible by tensor-parallel size {dist.tp}.")
         self.dist = dist
-        self.weight = nn.Parameter(shard(_full_normal((out_features, in_features), std, seed), dist, 1))
-        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.weight = _sharded((out_features, in_features), 1, dist)  # [out, in/tp]
+        self.bias = nn.Parameter(torch.empty(out_features))  # replicated
+
+    @torch.no_grad()
+    def reset_parameters(self, std, seed):
+        if not self.weight.is_meta:
+            full = full_normal((self.weight.size(0), self.weight.size(1) * self.dist.tp), std, seed)
+            self.weight.copy_(shard(full, self.dist, 1))
+            self.bias.zero_()
 
     def forward(self, x):
         return g(F.linear(x, self.weight), self.dist) + self.bias  # [B, T, in/tp] -> [B, T, out]
@@ -206,16 +240,24 @@ class VocabParallelEmbedding(nn.Module):
     """The embedding table split by vocabulary rows: rank r holds rows [r V/tp, (r+1) V/tp). Each rank looks up
     the ids it owns, writes zeros for the others, and g sums the partial results. Input [B, T] -> [B, T, C]."""
 
-    def __init__(self, vocab_size, dim, dist, std=0.02, seed=0):
+    def __init__(self, vocab_size, dim, dist):
         super().__init__()
         if vocab_size % dist.tp:
             raise UserError(f"vocabulary {vocab_size} is not divisible by tensor-parallel size {dist.tp}.\n"
-                            f"HINT: pad the vocabulary to a multiple of 128 * tp.")
+                            f"HINT: pass --vocab_size with a multiple of {128 * dist.tp} at least the tokenizer's.")
         self.dist, self.per_rank = dist, vocab_size // dist.tp
         self.start = dist.tp_rank * self.per_rank
-        self.weight = nn.Parameter(shard(_full_normal((vocab_size, dim), std, seed), dist, 0))
+        self.weight = _sharded((vocab_size, dim), 0, dist)
+
+    @torch.no_grad()
+    def reset_parameters(self, std, seed):
+        if not self.weight.is_meta:
+            full = full_normal((self.weight.size(0) * self.dist.tp, self.weight.size(1)), std, seed)
+            self.weight.copy_(shard(full, self.dist, 0))
 
     def forward(self, idx):
+        if self.dist.tp == 1:
+            return F.embedding(idx, self.weight)
         local = idx - self.start
         outside = (local < 0) | (local >= self.per_rank)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, T, C]
@@ -258,3 +300,121 @@ def vocab_parallel_cross_entropy(logits, targets, dist, start):
     if dist.tp == 1:
         return F.cross_entropy(logits.float(), targets)
     return _VocabParallelCrossEntropy.apply(logits, targets, start, dist.tp_group).mean()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Randomness, gradient norm, data-parallel gradient reduction
+
+
+class TPRandom:
+    """Megatron's RNG tracker, reduced to what this model needs. Dropout on replicated activations uses the global
+    generator, seeded the same on every rank of a tensor-parallel group so their masks agree; dropout on a rank's
+    own heads runs inside fork(), on a generator seeded differently per tp rank. At tp = 1 fork() does nothing."""
+
+    def __init__(self, tp, tp_rank, device):
+        self.tp, self.tp_rank, self.device, self.state = tp, tp_rank, device, None
+
+    def _get(self):
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def _set(self, state):
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def seed(self, seed):
+        if self.tp > 1:
+            saved = self._get()
+            gen = torch.Generator(self.device).manual_seed(seed + 2718 + self.tp_rank)
+            self.state = gen.get_state()
+            self._set(saved)
+
+    @contextmanager
+    def fork(self):
+        if self.state is None:
+            yield
+            return
+        saved = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self.state = self._get()
+            self._set(saved)
+
+
+def clip_grad_norm(params, max_norm, dist):
+    """Global gradient norm, then clip. Sharded parameters (tp_sharded) hold different slices on each tp rank, so
+    their squared norms are summed over the tensor-parallel group; replicated ones are identical on every rank and
+    counted once. Every rank gets the same norm, so all agree on skipping an fp16 overflow step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [p.grad for p in params if p.grad is not None and getattr(p, "tp_sharded", False)]
+    replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "tp_sharded", False)]
+    sq = torch.zeros(2, device=grads[0].device)
+    for i, group in enumerate((sharded, replicated)):
+        if group:
+            sq[i] = torch.stack([torch.linalg.vector_norm(t.float()) ** 2 for t in group]).sum()
+    if dist.tp > 1:
+        tdist.all_reduce(sq[:1], group=dist.tp_group)
+    norm = sq.sum().sqrt()
+    if max_norm > 0 and math.isfinite(norm.item()):
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm.item()
+
+
+class GradReducer:
+    """Average gradients over the data-parallel group, by hand. Parameters are grouped into flat buckets of about
+    bucket_mb MB in reverse order (the order backward produces their gradients). During the backward of the last
+    micro-batch, a hook counts each bucket's finished gradients and launches its all-reduce asynchronously as soon
+    as the bucket is complete, overlapping communication with the rest of the backward; finish() waits for all of
+    them before the optimizer step. Earlier micro-batches only accumulate locally: no communication."""
+
+    def __init__(self, params, dist, bucket_mb=25.0):
+        self.dist, self.active, self.pending = dist, False, []
+        self.buckets, self.bucket_of, size = [[]], {}, 0
+        for p in reversed([p for p in params if p.requires_grad]):
+            if size and size + p.numel() * 4 > bucket_mb * 2**20:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            self.bucket_of[p] = len(self.buckets) - 1
+            size += p.numel() * 4
+        self.ready = [0] * len(self.buckets)
+        if dist.dp > 1:
+            for p in self.bucket_of:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, p):
+        if not self.active:
+            return
+        b = self.bucket_of[p]
+        self.ready[b] += 1
+        if self.ready[b] == len(self.buckets[b]):
+            self._launch(b)
+
+    def _launch(self, b):
+        flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[b]])
+        self.pending.append((b, flat, tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)))
+
+    def start(self):
+        """Call before the backward of the last micro-batch."""
+        self.active, self.ready = self.dist.dp > 1, [0] * len(self.buckets)
+
+    def finish(self):
+        """Wait for every bucket, then write the averaged gradients back into p.grad."""
+        if self.dist.dp == 1:
+            return
+        launched = {b for b, _, _ in self.pending}
+        for b in range(len(self.buckets)):  # a bucket whose gradients never all arrived (unused parameters)
+            if b not in launched:
+                for p in self.buckets[b]:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                self._launch(b)
+        for b, flat, work in self.pending:
+            work.wait()
+            flat /= self.dist.dp
+            for p, chunk in zip(self.buckets[b], flat.split([p.numel() for p in self.buckets[b]])):
+                p.grad.copy_(chunk.view_as(p))
+        self.active, self.pending = False, []

@@ -11,12 +11,16 @@ import sys
 import torch
 
 from data import load_tokenizer
-from model import Config, UserError, Yuan
-from train import checkpoints, load_checkpoint
+from errors import UserError
+from model import Config, Yuan
+from train import checkpoints, ckpt_files, load_checkpoint
 
 
 def sample(args):
     path = args.ckpt or (list(checkpoints(args.out).values()) or [None])[-1]
+    if path is None and ckpt_files(args.out):
+        raise UserError(f"{args.out} holds only tensor-parallel checkpoint shards (*.tpRofT.pt); sample.py reads "
+                        f"tp = 1 checkpoints and does not merge shards yet.")
     if path is None:
         raise UserError(f"no checkpoint (ckpt_*.pt) in {args.out}.\nHINT: train first: python train.py --out "
                         f"{args.out} ...")

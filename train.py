@@ -20,7 +20,9 @@ import torch
 from tqdm import tqdm
 
 from data import Batches
-from model import MODEL_FIELDS, PRESETS, Config, UserError, Yuan, flops_per_token, make_config, pad_vocab
+from errors import UserError
+from model import MODEL_FIELDS, PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
+from parallel import GradReducer, clip_grad_norm, init_distributed, run_or_abort
 
 # Dense peak TFLOPS per accelerator from the vendors' data sheets (no sparsity). fp32 is the non-tensor-core rate,
 # since PyTorch leaves TF32 matmuls off by default. First match wins, so specific names come first.
@@ -35,7 +37,7 @@ PEAK_TFLOPS = [
     ("L40S", {"bf16": 362, "fp16": 362, "fp32": 91.6}),
     ("V100", {"fp16": 125, "fp32": 15.7}),  # SXM2; Volta has no bf16
 ]
-CKPT_RE = re.compile(r"^ckpt_(\d{7})\.pt$")
+CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -112,13 +114,13 @@ class LossScaler:
         self.enabled, self.growth_interval = enabled, growth_interval
         self.scale, self.good_steps = (scale if enabled else 1.0), 0
 
-    def unscale_and_clip(self, params, max_norm):
-        """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken)."""
+    def unscale_and_clip(self, params, max_norm, dist):
+        """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken).
+        The norm is the same on every rank, so every rank takes the same decision."""
         grads = [p.grad for p in params if p.grad is not None]
         if self.scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / self.scale)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
-        norm = norm.item()
+        norm = clip_grad_norm(params, max_norm, dist)
         return norm, math.isfinite(norm)
 
     def update(self, finite):
@@ -173,27 +175,46 @@ def resolve_dtype(cfg, device):
 # Output directory: checkpoints and metrics
 
 
-def checkpoints(out):
-    """{step: path} of the complete checkpoints in out (a half-written one is still named *.tmp)."""
-    found = {}
+def ckpt_name(step, tp=1, tp_rank=0):
+    return f"ckpt_{step:07d}.pt" if tp == 1 else f"ckpt_{step:07d}.tp{tp_rank}of{tp}.pt"
+
+
+def ckpt_files(out):
+    """[(step, tp, tp_rank, path)] of every complete checkpoint file in out (a half-written one is still *.tmp)."""
+    files = []
     for name in os.listdir(out) if os.path.isdir(out) else []:
         m = CKPT_RE.match(name)
         if m:
-            found[int(m.group(1))] = os.path.join(out, name)
-    return dict(sorted(found.items()))
+            files.append((int(m[1]), int(m[3] or 1), int(m[2] or 0), os.path.join(out, name)))
+    return sorted(files)
 
 
-def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, keep):
+def checkpoints(out, tp=1, tp_rank=0):
+    """{step: this tp rank's file} for the steps whose every tensor-parallel shard is on disk, oldest first."""
+    shards = {}
+    for step, t, r, _ in ckpt_files(out):
+        if t == tp:
+            shards.setdefault(step, set()).add(r)
+    return {s: os.path.join(out, ckpt_name(s, tp, tp_rank)) for s, ranks in shards.items() if len(ranks) == tp}
+
+
+def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist):
+    """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies)."""
+    if dist.dp_rank != 0:
+        return
     # The data position is (seed, step): Batches draws step s's windows from a generator seeded by them.
     state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": model.state_dict(),
              "data_position": {"seed": cfg.seed, "next_step": step + 1},
+             "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
              "rng": {"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    path = os.path.join(out, f"ckpt_{step:07d}.pt")
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "tp": dist.rng.state if dist.rng.state is not None else torch.zeros(0, dtype=torch.uint8)}}
+    path = os.path.join(out, ckpt_name(step, dist.tp, dist.tp_rank))
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: the name ckpt_*.pt only ever points at a complete file
-    for old in list(checkpoints(out).values())[:-keep]:
+    mine = [p for _, t, r, p in ckpt_files(out) if (t, r) == (dist.tp, dist.tp_rank)]
+    for old in mine[:-cfg.keep_ckpts]:
         os.remove(old)
 
 
@@ -221,7 +242,10 @@ class Metrics:
     """OUT/metrics.jsonl, one JSON object per line. On resume, rows past the checkpoint's step (written after it,
     before the interruption) are moved to metrics.rewound.jsonl, so metrics.jsonl reads as one clean run."""
 
-    def __init__(self, out, resume_step):
+    def __init__(self, out, resume_step, enabled=True):
+        self.file = None
+        if not enabled:  # logging happens on rank 0 only
+            return
         self.path = os.path.join(out, "metrics.jsonl")
         if os.path.exists(self.path):
             with open(self.path) as f:
@@ -237,15 +261,19 @@ class Metrics:
         self.file = open(self.path, "a")
 
     def log(self, **row):
+        if self.file is None:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
 
-def prepare_out_dir(out, resume, overwrite):
+def prepare_out_dir(out, resume, overwrite, dist):
     """Refuse to start a fresh run over an earlier one unless told to (--resume or --overwrite)."""
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them.")
     os.makedirs(out, exist_ok=True)
+    if dist.rank != 0:  # rank 0 decides; if it refuses, run_or_abort ends every rank
+        return
     names = sorted(os.listdir(out))
     old = [n for n in names if CKPT_RE.match(n) or n.startswith("metrics.") and n.endswith(".jsonl")]
     if old and not resume:
@@ -266,34 +294,36 @@ def train(argv):
     opts, flags, overrides = parse_args(argv)
     cfg = make_config(opts["preset"], **overrides)
     out = opts["out"]
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    dist = init_distributed(cfg.tp, cfg.device)
+    device = dist.device
     ptdtype = resolve_dtype(cfg, device)
 
-    # Data. The vocabulary is the tokenizer's, padded to 128, unless --vocab_size says otherwise.
-    data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed)
+    # Data. The vocabulary is the tokenizer's, padded to 128 * tp, unless --vocab_size says otherwise.
+    data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp)
     tokenizer = data.tokenizer
     if "vocab_size" not in overrides:
-        cfg.vocab_size = pad_vocab(tokenizer["n_vocab"])
+        cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
     elif cfg.vocab_size < tokenizer["n_vocab"]:
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"
                         f" tokens).\nHINT: drop --vocab_size, or prepare the data with the model's tokenizer.")
-    tokens_per_micro = cfg.micro_batch * cfg.seq_len
+    tokens_per_micro = cfg.micro_batch * cfg.seq_len * dist.dp  # one micro-batch on every data-parallel rank
     if cfg.batch_tokens % tokens_per_micro:
-        raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len = "
-                        f"{tokens_per_micro:,}.\nHINT: set --batch_tokens to a multiple, e.g. "
+        raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len * dp = "
+                        f"{cfg.micro_batch} * {cfg.seq_len} * {dist.dp} = {tokens_per_micro:,}.\nHINT: set "
+                        f"--batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
     grad_accum = cfg.batch_tokens // tokens_per_micro
-    prepare_out_dir(out, flags["resume"], flags["overwrite"])  # only now: a mistake above must not cost the old run
-    for suffix in (".tiktoken", ".json"):  # keep the tokenizer beside the checkpoints, for sample.py
-        src = os.path.join(opts["data"], "tokenizer" + suffix)
-        if os.path.exists(src) and not os.path.exists(os.path.join(out, "tokenizer" + suffix)):
-            shutil.copyfile(src, os.path.join(out, "tokenizer" + suffix))
+    prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)  # only now: a mistake above must not cost the
+    if dist.rank == 0:                                                # old run
+        for suffix in (".tiktoken", ".json"):  # keep the tokenizer beside the checkpoints, for sample.py
+            src = os.path.join(opts["data"], "tokenizer" + suffix)
+            if os.path.exists(src) and not os.path.exists(os.path.join(out, "tokenizer" + suffix)):
+                shutil.copyfile(src, os.path.join(out, "tokenizer" + suffix))
 
     # Model and optimizer. AdamW decays matrices and embeddings, not biases or LayerNorm gains.
-    torch.manual_seed(cfg.seed)
-    model = Yuan(cfg).to(device)
+    torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
+    dist.rng.seed(cfg.seed)
+    model = Yuan(cfg, dist).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -302,10 +332,11 @@ def train(argv):
     except (RuntimeError, TypeError):  # no fused kernel for this device or torch build
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
+    reducer = GradReducer(params, dist, cfg.bucket_mb)
 
     step = 0
-    if flags["resume"] and checkpoints(out):
-        path = list(checkpoints(out).values())[-1]
+    if flags["resume"] and checkpoints(out, dist.tp, dist.tp_rank):
+        path = list(checkpoints(out, dist.tp, dist.tp_rank).values())[-1]
         ckpt = load_checkpoint(path)
         check_compatible(ckpt, cfg, tokenizer, path)
         model.load_state_dict(ckpt["model"])
@@ -314,24 +345,31 @@ def train(argv):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] and device.type == "cuda":
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if ckpt["rng"]["tp"].numel():
+            dist.rng.state = ckpt["rng"]["tp"]
         step = ckpt["step"]
         changed = [k for k, v in ckpt["config"].items() if k != "max_steps" and getattr(cfg, k, v) != v]
-        print(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+        dist.print0(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+    elif flags["resume"] and ckpt_files(out):
+        layouts = sorted({t for _, t, _, _ in ckpt_files(out)})
+        raise UserError(f"{out} holds checkpoints written at tensor-parallel size {layouts}, this run has "
+                        f"tp = {dist.tp}; resharding is not supported.\nHINT: resume with --tp {layouts[-1]}.")
     elif flags["resume"]:
-        print(f"--resume: no checkpoint in {out}, starting from step 0")
-    metrics = Metrics(out, step)
-    if step == 0:  # a record for people; on resume the checkpoint's config is the one that counts
+        dist.print0(f"--resume: no checkpoint in {out}, starting from step 0")
+    metrics = Metrics(out, step, enabled=dist.rank == 0)
+    if step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
 
     n_params = sum(p.numel() for p in model.parameters())
     peak, flops = peak_flops(cfg, device), flops_per_token(cfg)
-    print(f"model {opts['preset']}: {n_params:,} params, vocab {cfg.vocab_size:,}, {cfg.dtype} on {device}; "
-          f"{cfg.batch_tokens:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches")
+    dist.print0(f"model {opts['preset']}: {n_params:,} params on each of {dist.tp} tp ranks, vocab {cfg.vocab_size:,}, "
+                f"{cfg.dtype} on {device}; world {dist.world} = tp {dist.tp} x dp {dist.dp}; {cfg.batch_tokens:,} "
+                f"tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches x {dist.dp} dp")
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=cfg.dtype != "fp32")
-    bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, mininterval=1.0, disable=dist.rank != 0)
 
-    def evaluate():
+    def evaluate():  # every rank evaluates the same windows, so every rank gets the same number
         model.eval()
         with torch.no_grad(), autocast:
             losses = [model(x.to(device), y.to(device))[1].item() for x, y in data.val_batches(cfg.eval_batches)]
@@ -351,16 +389,21 @@ def train(argv):
             with autocast:
                 _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             loss_sum += loss.detach()
+            if micro == grad_accum - 1:
+                reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete
             (loss * (scaler.scale / grad_accum)).backward()
-        grad_norm, finite = scaler.unscale_and_clip(params, cfg.grad_clip)
+        reducer.finish()
+        grad_norm, finite = scaler.unscale_and_clip(params, cfg.grad_clip, dist)
         if finite:
             opt.step()
         scaler.update(finite)
         opt.zero_grad(set_to_none=True)
-        loss = loss_sum.item() / grad_accum  # .item() waits for the device, so the time below is honest
+        if dist.dp > 1:  # for the log: the mean loss over the whole global batch
+            torch.distributed.all_reduce(loss_sum, group=dist.dp_group)
+        loss = loss_sum.item() / grad_accum / dist.dp  # .item() waits for the device, so the time below is honest
         dt = time.perf_counter() - t0
         tok_s = cfg.batch_tokens / dt
-        mfu = flops * tok_s / peak if peak else None
+        mfu = flops * tok_s / (peak * dist.world) if peak else None
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             metrics.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * cfg.batch_tokens,
                         tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.scale, skipped=not finite)
@@ -370,23 +413,24 @@ def train(argv):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = evaluate()
             metrics.log(step=step, val_loss=val_loss)
-            bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+            if dist.rank == 0:
+                bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, cfg.keep_ckpts)
+            save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist)
     bar.close()
     if ran_steps:
-        print(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data {data.unigram_entropy():.4f} "
-              f"(the best loss without context). Checkpoints in {out}")
+        dist.print0(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data "
+                    f"{data.unigram_entropy():.4f} (the best loss without context). Checkpoints in {out}")
     else:
-        print(f"nothing to do: {out} is already at step {step} = max_steps")
+        dist.print0(f"nothing to do: {out} is already at step {step} = max_steps")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return model
 
 
 def main(argv=None):
-    try:
-        train(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_or_abort(lambda: train(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, _full_normal,  # noqa: E402
+from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, full_normal,  # noqa: E402
                       init_distributed, run_or_abort, vocab_parallel_cross_entropy)
 
 
@@ -25,9 +25,10 @@ def main():
     # Column-parallel: [3, 13] -> [3, 7 tp], sharded output.
     x = torch.randn(3, 13, requires_grad=True)
     w_out = torch.randn(3, 7 * tp)
-    full = _full_normal((7 * tp, 13), 0.02, seed=1).requires_grad_()
+    full = full_normal((7 * tp, 13), 0.02, seed=1).requires_grad_()
     (F.linear(x, full) * w_out).sum().backward()
-    col = ColumnParallelLinear(13, 7 * tp, dist, seed=1)
+    col = ColumnParallelLinear(13, 7 * tp, dist)
+    col.reset_parameters(0.02, seed=1)
     xs = x.detach().clone().requires_grad_()
     y = col(xs)
     close("column forward", y, mine(F.linear(x, full), 1))
@@ -39,9 +40,10 @@ def main():
     # Row-parallel: [3, 7 tp] sharded -> [3, 17], replicated output.
     x = torch.randn(3, 7 * tp, requires_grad=True)
     w_out = torch.randn(3, 17)
-    full = _full_normal((17, 7 * tp), 0.02, seed=2).requires_grad_()
+    full = full_normal((17, 7 * tp), 0.02, seed=2).requires_grad_()
     (F.linear(x, full) * w_out).sum().backward()
-    row = RowParallelLinear(7 * tp, 17, dist, seed=2)
+    row = RowParallelLinear(7 * tp, 17, dist)
+    row.reset_parameters(0.02, seed=2)
     xs = mine(x.detach(), 1).clone().requires_grad_()
     y = row(xs)
     close("row forward (g sums partial products)", y, F.linear(x, full))
@@ -53,9 +55,10 @@ def main():
     # Vocab-parallel embedding: vocabulary 17 tp, width 13.
     ids = torch.randint(0, 17 * tp, (4, 5))
     w_out = torch.randn(4, 5, 13)
-    full = _full_normal((17 * tp, 13), 0.02, seed=3).requires_grad_()
+    full = full_normal((17 * tp, 13), 0.02, seed=3).requires_grad_()
     (F.embedding(ids, full) * w_out).sum().backward()
-    emb = VocabParallelEmbedding(17 * tp, 13, dist, seed=3)
+    emb = VocabParallelEmbedding(17 * tp, 13, dist)
+    emb.reset_parameters(0.02, seed=3)
     y = emb(ids)
     close("embedding forward", y, F.embedding(ids, full))
     (y * w_out).sum().backward()

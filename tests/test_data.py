@@ -116,7 +116,10 @@ def test_sampling_is_a_function_of_seed_step_rank(prepared):
     assert x1.shape == (4, 16) and x1[:, 1:].equal(y1[:, :-1])  # targets are inputs shifted by one
     assert not x1.equal(a.train_batch(step=8, micro=1)[0])
     assert not x1.equal(a.train_batch(step=7, micro=0)[0])
-    assert not x1.equal(Batches(prepared, 16, 4, seed=1, rank=1).train_batch(7, 1)[0])
+    assert not x1.equal(Batches(prepared, 16, 4, seed=1, rank=1, dp=2).train_batch(7, 1)[0])
+    # The global batch does not depend on the data-parallel layout: micro-batch 1 of one process is micro-batch 0
+    # of data-parallel rank 1 of 2.
+    assert x1.equal(Batches(prepared, 16, 4, seed=1, rank=1, dp=2).train_batch(7, 0)[0])
     v1, v2 = list(a.val_batches(3)), list(a.val_batches(3))
     assert len(v1) == 3 and all(p[0].equal(q[0]) for p, q in zip(v1, v2))
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from parallel import Dist, init_distributed
+from parallel import init_distributed
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
@@ -32,4 +32,6 @@ def test_world_not_divisible_by_tp():
 
 def test_single_process_is_a_world_of_one():
     dist = init_distributed(tp=1, device="cpu")
-    assert dist == Dist() and dist.tp_group is None and dist.dp_group is None
+    assert (dist.rank, dist.world, dist.tp, dist.dp) == (0, 1, 1, 1) and dist.tp_group is None and dist.dp_group is None
+    with dist.rng.fork():  # a no-op at tp = 1
+        pass

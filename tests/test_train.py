@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, SMALL, read_metrics, run
 from model import Config, UserError, Yuan
+from parallel import Dist
 from train import LossScaler, lr_at, parse_args
 
 EXACT = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "loss_scale", "skipped")
@@ -37,14 +38,14 @@ def test_loss_scaler_skips_inf_and_recovers():
     backward()
     params[3].grad[0] = float("inf")  # an fp16 overflow somewhere in the backward
     before = [p.detach().clone() for p in params]
-    norm, finite = scaler.unscale_and_clip(params, 1.0)
+    norm, finite = scaler.unscale_and_clip(params, 1.0, Dist())
     assert not finite and not torch.isfinite(torch.tensor(norm))
     scaler.update(finite)
     opt.zero_grad()
     assert scaler.scale == 512.0 and all(p.equal(b) for p, b in zip(params, before))
     for expected_scale in (512.0, 1024.0):  # two clean steps -> the scale grows back (growth_interval=2)
         backward()
-        norm, finite = scaler.unscale_and_clip(params, 1.0)
+        norm, finite = scaler.unscale_and_clip(params, 1.0, Dist())
         assert finite and norm > 0
         opt.step()
         scaler.update(finite)
