@@ -1,0 +1,88 @@
+"""The whole trainer under mpiexec on CPU (gloo): tensor- and data-parallel runs equal one process."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, SMALL, read_metrics, run
+from test_parallel import MPIEXEC
+
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def mpi_train(n, *args, check=True):
+    proc = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, TRAIN, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mpiexec -n {n} train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def losses(out):
+    rows = read_metrics(out)
+    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+    """Five steps in one process: the numbers every layout must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 5)
+    return losses(out)
+
+
+@pytest.mark.parametrize("n, tp", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
+def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp):
+    mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp)
+    train, val = losses(tmp_path / "run")
+    assert train == pytest.approx(reference[0], rel=1e-5) and val == pytest.approx(reference[1], rel=1e-5)
+    names = sorted(os.listdir(tmp_path / "run"))
+    assert ("ckpt_0000005.tp0of2.pt" in names and "ckpt_0000005.tp1of2.pt" in names) if tp == 2 \
+        else "ckpt_0000005.pt" in names
+
+
+def test_tp2_resume_is_exact_and_other_tp_refused(prepared, tmp_path):
+    common = [*SMALL, "--data", prepared, "--tp", 2, "--lr_decay_steps", 10, "--ckpt_interval", 5]
+    mpi_train(2, *common, "--out", tmp_path / "a", "--max_steps", 10)
+    mpi_train(2, *common, "--out", tmp_path / "b", "--max_steps", 5)
+    mpi_train(2, *common, "--out", tmp_path / "b", "--max_steps", 10, "--resume")
+    keys = ("step", "loss", "lr", "grad_norm", "val_loss")
+    strip = lambda rows: [{k: r[k] for k in keys if k in r} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    proc = run("train.py", *SMALL, "--data", prepared, "--out", tmp_path / "b", "--max_steps", 12, "--resume",
+               check=False)
+    assert proc.returncode != 0 and "resume with --tp 2" in proc.stderr
+
+
+def test_tp_errors_name_the_numbers(prepared, tmp_path):
+    proc = mpi_train(2, *SMALL, "--data", prepared, "--out", tmp_path / "r", "--tp", 4, check=False)
+    assert proc.returncode != 0 and "world size 2 is not divisible by --tp 4" in proc.stderr
+    proc = run("train.py", *SMALL, "--data", prepared, "--out", tmp_path / "r", "--tp", 3, check=False)
+    assert proc.returncode != 0 and "n_head = 4" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bucketed_reduction_equals_plain_all_reduce():
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "mpi_grad_reduce.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("gradients equal to a plain all-reduce") == 2
+
+
+def test_a_failing_rank_ends_the_job_promptly():
+    """Rank 1 raises while rank 0 waits in a collective: run_or_abort aborts the world, no hang."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import torch, torch.distributed as d\n"
+            "from parallel import init_distributed, run_or_abort\n"
+            "def main():\n"
+            "    dist = init_distributed(tp=1, device='cpu')\n"
+            "    if dist.rank == 1:\n"
+            "        raise RuntimeError('rank 1 fails on purpose')\n"
+            "    d.barrier()\n"
+            "run_or_abort(main)\n") % ROOT
+    t0 = time.time()
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "rank 1 fails on purpose" in proc.stderr
+    assert time.time() - t0 < 60
