@@ -67,7 +67,7 @@ class Config:
             raise UserError(f"tp = {self.tp} must be at least 1.")
         if self.n_head % self.tp or self.ffn_hidden % self.tp:
             raise UserError(f"n_head = {self.n_head} and ffn_hidden = {self.ffn_hidden} must both be divisible by "
-                            f"tp = {self.tp}.\nHINT: pick --tp among the common divisors, e.g. 1, 2, 4, 8 for yuan-4.7b.")
+                            f"tp = {self.tp}.\nHINT: pick --tp among their common divisors (yuan-4.7b: 1, 2, 4, 8).")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd = {self.n_embd} is not divisible by n_head = {self.n_head}.\n"
                             f"HINT: pick n_head among the divisors of {self.n_embd}, or change n_embd.")

@@ -71,6 +71,8 @@ def init_distributed(tp=1, device=""):
                         f"HINT: launch a multiple of {tp} ranks, or pick --tp among the divisors of {world}.")
     if world == 1:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         return Dist(device=dev)
     rank = comm.Get_rank()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
@@ -97,13 +99,13 @@ def init_distributed(tp=1, device=""):
     # Every rank must create every group, in the same order, even the groups it is not in.
     tp_group = dp_group = None
     for start in range(0, world, tp):
-        g = tdist.new_group(list(range(start, start + tp)))
+        group = tdist.new_group(list(range(start, start + tp)))
         if start <= rank < start + tp:
-            tp_group = g
+            tp_group = group
     for offset in range(tp):
-        g = tdist.new_group(list(range(offset, world, tp)))
+        group = tdist.new_group(list(range(offset, world, tp)))
         if rank % tp == offset:
-            dp_group = g
+            dp_group = group
     return Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
                 tp_group=tp_group if tp > 1 else None, dp=world // tp, dp_rank=rank // tp,
                 dp_group=dp_group if world // tp > 1 else None, device=dev)
@@ -354,7 +356,7 @@ def clip_grad_norm(params, max_norm, dist):
     sq = torch.zeros(2, device=grads[0].device)
     for i, group in enumerate((sharded, replicated)):
         if group:
-            sq[i] = torch.stack([torch.linalg.vector_norm(t.float()) ** 2 for t in group]).sum()
+            sq[i] = torch.stack(torch._foreach_norm(group)).float().pow(2).sum()
     if dist.tp > 1:
         tdist.all_reduce(sq[:1], group=dist.tp_group)
     norm = sq.sum().sqrt()

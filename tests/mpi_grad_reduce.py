@@ -30,6 +30,14 @@ def grads_after_two_micro_batches(model, dist, reducer):
     return grads
 
 
+def report(dist, line):
+    """Rank 0 prints every rank's line, so that the launcher cannot interleave them mid-line."""
+    lines = [None] * dist.world
+    tdist.all_gather_object(lines, line)
+    if dist.rank == 0:
+        print("\n".join(lines), flush=True)
+
+
 def main():
     dist = init_distributed(tp=1, device="cpu")
     model = Yuan(Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256, seq_len=16), dist)
@@ -39,7 +47,7 @@ def main():
     bucketed = grads_after_two_micro_batches(model, dist, reducer)
     for a, b in zip(plain, bucketed):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
-    print(f"rank {dist.rank}: {len(reducer.buckets)} buckets, gradients equal to a plain all-reduce", flush=True)
+    report(dist, f"rank {dist.rank}: {len(reducer.buckets)} buckets, gradients equal to a plain all-reduce")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from model import Config, Yuan  # noqa: E402
 
 from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, full_normal,  # noqa: E402
                       init_distributed, run_or_abort, vocab_parallel_cross_entropy)
@@ -14,6 +17,14 @@ from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbe
 def close(name, a, b):
     if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
         raise AssertionError(f"{name}: max difference {(a - b).abs().max().item():.3g}")
+
+
+def report(dist, line):
+    """Rank 0 prints every rank's line, so that the launcher cannot interleave them mid-line."""
+    lines = [None] * dist.world
+    tdist.all_gather_object(lines, line)
+    if dist.rank == 0:
+        print("\n".join(lines), flush=True)
 
 
 def main():
@@ -73,7 +84,20 @@ def main():
     close("cross-entropy", loss, F.cross_entropy(logits.detach(), targets))
     loss.backward()
     close("cross-entropy grad", local.grad, mine(logits.grad, 1))
-    print(f"rank {dist.rank} (tp_rank {r}, dp_rank {dist.dp_rank}): all tensor-parallel layers match", flush=True)
+    # Dropout: the residual stream is replicated, so its dropout masks must agree across the tp group (global
+    # generator, same seed); attention dropout on each rank's own heads runs on the rank's forked generator.
+    model = Yuan(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=16, dropout=0.3, tp=tp), dist)
+    torch.manual_seed(5)
+    dist.rng.seed(5)
+    seen = {}
+    model.ln_f.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0].detach()))
+    ids = torch.randint(0, 512, (2, 16))
+    model(ids, ids)
+    copies = [torch.empty_like(seen["x"]) for _ in range(tp)]
+    tdist.all_gather(copies, seen["x"].contiguous(), group=dist.tp_group)
+    for c in copies:
+        close("replicated activations after dropout", c, seen["x"])
+    report(dist, f"rank {dist.rank} (tp_rank {r}, dp_rank {dist.dp_rank}): all tensor-parallel layers match")
 
 
 if __name__ == "__main__":

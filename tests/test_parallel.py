@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from conftest import ROOT
-from parallel import init_distributed
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
@@ -31,7 +30,24 @@ def test_world_not_divisible_by_tp():
 
 
 def test_single_process_is_a_world_of_one():
-    dist = init_distributed(tp=1, device="cpu")
-    assert (dist.rank, dist.world, dist.tp, dist.dp) == (0, 1, 1, 1) and dist.tp_group is None and dist.dp_group is None
-    with dist.rng.fork():  # a no-op at tp = 1
-        pass
+    """A plain `python` process (no launcher) is rank 0 of 1, with no groups; run in a subprocess so that the
+    test process itself never initialises MPI."""
+    code = ("from parallel import init_distributed\n"
+            "d = init_distributed(tp=1, device='cpu')\n"
+            "assert (d.rank, d.world, d.tp, d.dp) == (0, 1, 1, 1) and d.tp_group is None and d.dp_group is None\n"
+            "with d.rng.fork():\n    pass\n"
+            "print('world of one')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "world of one" in proc.stdout, proc.stderr
+
+
+def test_broken_mpi_library_does_not_stop_a_single_process(tmp_path):
+    """A plain `python train.py` is a world of one even where mpi4py cannot load libmpi."""
+    fake = tmp_path / "mpi4py"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "MPI.py").write_text("raise RuntimeError('cannot load MPI library (simulated)')\n")
+    code = "from parallel import init_distributed; d = init_distributed(); print('world', d.world)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 0 and "world 1" in proc.stdout, proc.stderr
