@@ -9,6 +9,7 @@ import torch.distributed as tdist  # noqa: E402
 
 from model import Config, Yuan  # noqa: E402
 from parallel import GradReducer, init_distributed, run_or_abort  # noqa: E402
+from mpi_tp_layers import report  # noqa: E402  (tests/ is on sys.path: this script's folder)
 
 
 def grads_after_two_micro_batches(model, dist, reducer):
@@ -28,14 +29,6 @@ def grads_after_two_micro_batches(model, dist, reducer):
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     return grads
-
-
-def report(dist, line):
-    """Rank 0 prints every rank's line, so that the launcher cannot interleave them mid-line."""
-    lines = [None] * dist.world
-    tdist.all_gather_object(lines, line)
-    if dist.rank == 0:
-        print("\n".join(lines), flush=True)
 
 
 def main():

@@ -21,8 +21,11 @@ def mpi_train(n, *args, check=True):
 
 
 def losses(out):
+    """Training losses, validation losses and gradient norms (the norm checks clipping across ranks: sharded
+    parameters summed over the tp group, replicated ones counted once)."""
     rows = read_metrics(out)
-    return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+    return ([r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r],
+            [r["grad_norm"] for r in rows if "grad_norm" in r])
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,9 @@ def reference(prepared, tmp_path_factory):
 @pytest.mark.parametrize("n, tp", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
 def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp):
     mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp)
-    train, val = losses(tmp_path / "run")
+    train, val, norms = losses(tmp_path / "run")
     assert train == pytest.approx(reference[0], rel=1e-5) and val == pytest.approx(reference[1], rel=1e-5)
+    assert norms == pytest.approx(reference[2], rel=1e-5)
     names = sorted(os.listdir(tmp_path / "run"))
     assert ("ckpt_0000005.tp0of2.pt" in names and "ckpt_0000005.tp1of2.pt" in names) if tp == 2 \
         else "ckpt_0000005.pt" in names
