@@ -117,6 +117,9 @@ def run_or_abort(main):
     with a non-zero exit."""
     try:
         main()
+        if tdist.is_initialized():  # leave together: a rank that exits early can break its peers' connections
+            tdist.barrier()
+            tdist.destroy_process_group()
         return
     except UserError as e:
         message = f"error: {e}"

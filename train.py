@@ -423,9 +423,6 @@ def train(argv):
                     f"{data.unigram_entropy():.4f} (the best loss without context). Checkpoints in {out}")
     else:
         dist.print0(f"nothing to do: {out} is already at step {step} = max_steps")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return model
 
 

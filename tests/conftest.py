@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 # A model small enough that a training step takes milliseconds on one CPU core.
 SMALL = ["--preset", "tiny", "--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--seq_len", "32",
          "--micro_batch", "4", "--batch_tokens", "256", "--warmup_steps", "3", "--eval_interval", "5",
-         "--eval_batches", "2", "--dtype", "fp32"]
+         "--eval_batches", "2", "--dtype", "fp32", "--device", "cpu"]
 
 
 def run(script, *args, check=True, env=None):

@@ -7,9 +7,10 @@ import time
 import pytest
 
 from conftest import ROOT, SMALL, read_metrics, run
-from test_parallel import MPIEXEC
+from test_parallel import MPIEXEC, needs_mpiexec
 
 TRAIN = os.path.join(ROOT, "train.py")
+pytestmark = needs_mpiexec
 
 
 def mpi_train(n, *args, check=True):
