@@ -146,13 +146,13 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist)  # output projection, partial sums reduced by g
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rng):
+    def forward(self, x):
         B, T, C = x.shape
         qkv = self.qkv(x)  # [B, T, 3C/tp]
         # Per head the layout is [q | k | v] so that a tensor-parallel shard of whole heads is a contiguous slice.
         qkv = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # [B, nh/tp, T, 3hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [B, nh/tp, T, hd]
-        with rng.fork():  # dropout on this rank's own heads draws from this rank's own generator
+        with self.dist.rng.fork():  # dropout on this rank's own heads draws from this rank's own generator
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)  # [B, nh/tp, T, hd]
         y = y.transpose(1, 2).reshape(B, T, C // self.dist.tp)  # [B, T, C/tp]
@@ -180,8 +180,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg, dist)
 
-    def forward(self, x, rng):
-        x = x + self.attn(self.ln_1(x), rng)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -225,7 +225,7 @@ class Yuan(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
         for block in self.blocks:
-            x = block(x, self.dist.rng)
+            x = block(x)
         x = self.ln_f(x)
         logits = F.linear(f(x, self.dist), self.wte.weight)  # tied head: [B, T, C] @ [C, V/tp] -> [B, T, V/tp]
         if targets is None:

@@ -313,8 +313,9 @@ def train(argv):
                         f"--batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
     grad_accum = cfg.batch_tokens // tokens_per_micro
-    prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)  # only now: a mistake above must not cost the
-    if dist.rank == 0:                                                # old run
+    # Only now touch --out: a mistake above must not cost the earlier run.
+    prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)
+    if dist.rank == 0:
         for suffix in (".tiktoken", ".json"):  # keep the tokenizer beside the checkpoints, for sample.py
             src = os.path.join(opts["data"], "tokenizer" + suffix)
             if os.path.exists(src) and not os.path.exists(os.path.join(out, "tokenizer" + suffix)):
