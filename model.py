@@ -45,7 +45,7 @@ class Config:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
     dtype: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on GPU, fp16 if it lacks bf16, fp32 on CPU)
     seed: int = 1234  # model init, dropout and data order
-    eval_interval: int = 50  # evaluate on val.bin every N steps (and after the last)
+    eval_interval: int = 50  # evaluate on the val shards every N steps (and after the last)
     eval_batches: int = 8  # micro-batches per evaluation
     log_interval: int = 1  # training rows in metrics.jsonl every N steps
     ckpt_interval: int = 100  # checkpoint every N steps (and after the last)

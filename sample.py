@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 from errors import UserError
 from model import Config, Yuan
 from train import checkpoints, ckpt_files, load_checkpoint

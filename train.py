@@ -202,7 +202,7 @@ def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist):
     """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies)."""
     if dist.dp_rank != 0:
         return
-    # The data position is (seed, step): Batches draws step s's windows from a generator seeded by them.
+    # The data position is (seed, step): Batches reads step s from the permuted epochs that (seed, s) determine.
     state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": model.state_dict(),
              "data_position": {"seed": cfg.seed, "next_step": step + 1},
              "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
@@ -298,14 +298,8 @@ def train(argv):
     device = dist.device
     ptdtype = resolve_dtype(cfg, device)
 
-    # Data. The vocabulary is the tokenizer's, padded to 128 * tp, unless --vocab_size says otherwise.
-    data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp)
-    tokenizer = data.tokenizer
-    if "vocab_size" not in overrides:
-        cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
-    elif cfg.vocab_size < tokenizer["n_vocab"]:
-        raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"
-                        f" tokens).\nHINT: drop --vocab_size, or prepare the data with the model's tokenizer.")
+    # Data: micro-batches per step first (the reader needs them), then the vocabulary: the tokenizer's, padded to
+    # 128 * tp, unless --vocab_size says otherwise.
     tokens_per_micro = cfg.micro_batch * cfg.seq_len * dist.dp  # one micro-batch on every data-parallel rank
     if cfg.batch_tokens % tokens_per_micro:
         raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len * dp = "
@@ -313,6 +307,14 @@ def train(argv):
                         f"--batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
     grad_accum = cfg.batch_tokens // tokens_per_micro
+    data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
+                   accum=grad_accum)
+    tokenizer = data.tokenizer
+    if "vocab_size" not in overrides:
+        cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
+    elif cfg.vocab_size < tokenizer["n_vocab"]:
+        raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"
+                        f" tokens).\nHINT: drop --vocab_size, or prepare the data with the model's tokenizer.")
     # Only now touch --out: a mistake above must not cost the earlier run.
     prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)
     if dist.rank == 0:

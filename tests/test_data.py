@@ -1,3 +1,4 @@
+"""The shard format and the training reader (data.py). Preparing the shards is tests/test_prepare.py."""
 import json
 import os
 import shutil
@@ -5,73 +6,134 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run
-from data import HEADER, HEADER_BYTES, Batches, load_tokenizer, open_tokens, prepare
-from model import UserError
+from data import HEADER, HEADER_BYTES, META_VERSION, Batches, TokenShards, open_tokens, permute, write_tokens
+from errors import UserError
+
+TOK = dict(name="synthetic", hash="ab" * 32, n_vocab=1000, eot=999)
 
 
-def test_prepare_layout(prepared, tokenizer):
-    meta = json.load(open(os.path.join(prepared, "meta.json")))
-    enc, info = load_tokenizer(tokenizer)
-    assert meta["tokenizer"] == info and meta["documents"] == 30
-    assert 0 < meta["val_documents"] < 30
-    for split in ("train", "val"):
-        arr = open_tokens(os.path.join(prepared, f"{split}.bin"), info["n_vocab"], info["hash"])
-        assert len(arr) == meta["tokens"][split]
-        assert os.path.getsize(os.path.join(prepared, f"{split}.bin")) == HEADER_BYTES + 2 * len(arr)
-    train = open_tokens(os.path.join(prepared, "train.bin"))
-    # Documents are separated by the end-of-document token and decode back to the source text.
-    n_docs = int((np.asarray(train) == info["eot"]).sum()) + int((np.asarray(open_tokens(
-        os.path.join(prepared, "val.bin"))) == info["eot"]).sum())
-    assert n_docs == 30 and train[-1] == info["eot"]
-    first_doc = enc.decode(train[: list(train).index(info["eot"])].tolist())
-    source = open(meta["sources"][0], encoding="utf-8").read().split("\n")
-    assert first_doc in [line.replace("<n>", "\n") for line in source]
+def synthetic(out, sizes, val_sizes=None, seed=0):
+    """A prepared directory of random tokens: train shard k holds sizes[k], val shard k val_sizes[k] (or 64)."""
+    os.makedirs(out, exist_ok=True)
+    shards = []
+    val_sizes = val_sizes or [64] * len(sizes)
+    for k, (n, v) in enumerate(zip(sizes, val_sizes)):
+        rng = np.random.default_rng([seed, k])
+        write_tokens(os.path.join(out, f"train_{k:04d}.bin"), [rng.integers(0, 999, n)], 1000, TOK["hash"])
+        write_tokens(os.path.join(out, f"val_{k:04d}.bin"), [rng.integers(0, 999, v)], 1000, TOK["hash"])
+        shards.append(dict(train=f"train_{k:04d}.bin", train_tokens=n, val=f"val_{k:04d}.bin", val_tokens=v))
+    meta = dict(format_version=META_VERSION, tokenizer=TOK, shards=shards,
+                tokens=dict(train=sum(sizes), val=sum(val_sizes)))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return out
 
 
-def test_prepare_is_deterministic(corpus, tokenizer, prepared, tmp_path):
-    run("data.py", "prepare", "--input", corpus, "--tokenizer", tokenizer, "--out", tmp_path / "again",
-        "--val-fraction", 0.2)
-    for name in ("train.bin", "val.bin"):
-        assert open(tmp_path / "again" / name, "rb").read() == open(os.path.join(prepared, name), "rb").read()
+def test_header_struct_fits():
+    assert HEADER.size <= HEADER_BYTES
 
 
-def test_prepare_never_overwrites(corpus, tokenizer, prepared):
-    before = open(os.path.join(prepared, "train.bin"), "rb").read()
-    proc = run("data.py", "prepare", "--input", corpus, "--tokenizer", tokenizer, "--out", prepared, check=False)
-    assert proc.returncode != 0 and "already holds prepared data" in proc.stderr
-    assert open(os.path.join(prepared, "train.bin"), "rb").read() == before
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 1000, 4097])
+def test_permute_is_a_permutation(n):
+    keys = np.random.default_rng(n).integers(0, 2**63, 4, dtype=np.uint64)
+    p = permute(np.arange(n), n, keys)
+    assert sorted(p.tolist()) == list(range(n))
+    if n >= 100:  # and it shuffles: few fixed points, neighbours land far apart
+        assert (p == np.arange(n)).sum() < n // 20
+        assert np.abs(np.diff(p)).mean() > n / 10
 
 
-def test_jsonl_and_non_utf8(tokenizer, tmp_path):
-    docs = [f"第{i}个文档，内容是 document number {i}。" for i in range(40)]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-    (tmp_path / "b.txt").write_bytes(b"bad \xff\xfe bytes here<n>line two\n" * 3)
-    meta = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], tokenizer, str(tmp_path / "out"), 0.3)
-    assert meta["documents"] == 43 and meta["replaced_bytes"] == 6
-    enc, _ = load_tokenizer(tokenizer)
-    text = enc.decode(np.concatenate([open_tokens(str(tmp_path / "out" / f"{s}.bin")) for s in ("train", "val")])
-                      .tolist())
-    assert "bad \ufffd\ufffd bytes here\nline two" in text and docs[7] in text
+def test_windows_cover_shards_in_order(tmp_path):
+    d = synthetic(str(tmp_path / "d"), [101, 50, 33])
+    part = TokenShards(d, [(f"train_{k:04d}.bin", n) for k, n in enumerate([101, 50, 33])], 16, TOK)
+    assert part.per_shard.tolist() == [6, 3, 2] and part.n == 11  # (n - 1) // 16 windows per shard
+    arrays = [open_tokens(os.path.join(d, f"train_{k:04d}.bin"))[1] for k in range(3)]
+    w = part.windows(np.arange(11))
+    assert w.shape == (11, 17)
+    assert (w[0] == arrays[0][:17]).all() and (w[5] == arrays[0][80:97]).all()
+    assert (w[6] == arrays[1][:17]).all() and (w[10] == arrays[2][16:33]).all()
 
 
-def test_bad_jsonl_line(tokenizer, tmp_path):
-    for n, bad in enumerate(['{"body": "no text field"}', '{"text": 42}', 'not json', '[1, 2]']):
-        (tmp_path / f"x{n}.jsonl").write_text('{"text": "ok"}\n' + bad + "\n")
-        with pytest.raises(UserError, match=rf"x{n}.jsonl:2"):
-            prepare([str(tmp_path / f"x{n}.jsonl")], tokenizer, str(tmp_path / f"out{n}"))
+def test_epoch_reads_every_window_once_and_ranks_are_disjoint(tmp_path):
+    """Three shards of different sizes: over one epoch every window is read exactly once, whatever the data-parallel
+    layout, and the global batch of a step is the same for 1 process x 4 micro-batches and 4 ranks x 1."""
+    d = synthetic(str(tmp_path / "d"), [16 * 40 + 1, 16 * 24 + 1, 16 * 16 + 1])  # 40 + 24 + 16 = 80 windows
+    one = Batches(d, seq_len=16, micro_batch=2, seed=3, accum=4)  # 8 windows per step: an epoch is 10 steps
+    ranks = [Batches(d, seq_len=16, micro_batch=2, seed=3, rank=r, dp=4) for r in range(4)]
+    seen = []
+    for step in range(10):
+        per_rank = [set(b.train_ids(step, 0).tolist()) for b in ranks]
+        assert sum(map(len, per_rank)) == 8 and len(set.union(*per_rank)) == 8  # disjoint across ranks
+        glob = [i for m in range(4) for i in one.train_ids(step, m).tolist()]
+        assert set(glob) == set.union(*per_rank)
+        seen += glob
+    assert sorted(seen) == list(range(80))
+    # The next epoch is another order of the same windows.
+    nxt = [i for s in range(10, 20) for m in range(4) for i in one.train_ids(s, m).tolist()]
+    assert sorted(nxt) == list(range(80)) and nxt != seen
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: None, "not found"),  # missing file
-    (lambda d: (d / "empty.txt").write_text(""), "no documents"),
-    (lambda d: (d / "empty.txt").write_text("\n   \n\n"), "no documents"),
-])
-def test_missing_or_empty_input(tokenizer, tmp_path, make, message):
-    make(tmp_path)
-    proc = run("data.py", "prepare", "--input", tmp_path / "empty.txt", "--tokenizer", tokenizer,
-               "--out", tmp_path / "out", check=False)
-    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_sampling_is_a_function_of_seed_and_step(tmp_path):
+    d = synthetic(str(tmp_path / "d"), [5000, 3000])
+    a, b = (Batches(d, seq_len=16, micro_batch=4, seed=1, accum=2) for _ in range(2))
+    x1, y1 = a.train_batch(step=7, micro=1)
+    x2, y2 = b.train_batch(step=7, micro=1)
+    assert x1.equal(x2) and y1.equal(y2)
+    assert x1.shape == (4, 16) and x1[:, 1:].equal(y1[:, :-1])  # targets are inputs shifted by one
+    assert not x1.equal(a.train_batch(step=8, micro=1)[0])
+    assert not x1.equal(a.train_batch(step=7, micro=0)[0])
+    assert not x1.equal(Batches(d, 16, 4, seed=2, accum=2).train_batch(7, 1)[0])
+    # micro-batch 1 of one process is micro-batch 0 of data-parallel rank 1 of 2
+    assert x1.equal(Batches(d, 16, 4, seed=1, rank=1, dp=2).train_batch(7, 0)[0])
+    v1, v2 = list(a.val_batches(3)), list(a.val_batches(3))
+    assert len(v1) == 3 and all(p[0].equal(q[0]) for p, q in zip(v1, v2))
+
+
+def test_shards_weighted_by_size(tmp_path):
+    """Windows are uniform over the grid, so a shard 3x larger is read 3x as often."""
+    d = synthetic(str(tmp_path / "d"), [16 * 3000 + 1, 16 * 1000 + 1])
+    b = Batches(d, seq_len=16, micro_batch=100, seed=0)
+    ids = np.concatenate([b.train_ids(s, 0) for s in range(20)])  # 2,000 of the 4,000 windows
+    share = (ids < 3000).mean()
+    assert 0.70 < share < 0.80
+
+
+def test_memory_stays_flat(tmp_path, monkeypatch):
+    """Pages read through the memory maps leave the resident set when release() runs, and the reader runs it every
+    RELEASE_EVERY batches: a long run's RSS does not climb towards the size of the shards."""
+    def rss_file_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile")) / 1024
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc (Linux)")
+    d = synthetic(str(tmp_path / "d"), [25_000_000, 25_000_000], val_sizes=[5000, 5000])
+    b = Batches(d, seq_len=2048, micro_batch=64, seed=0)
+    b.train_batch(0, 0)  # imports torch, whose libraries are file pages too
+    b.train.release()
+    before = rss_file_mb()
+    b.train.windows(np.arange(0, b.train.n, 2))  # every other window: all 100 MB
+    assert rss_file_mb() - before > 60, "reading did not map the pages; the test measures nothing"
+    b.train.release()
+    assert rss_file_mb() - before < 10
+    calls = []
+    monkeypatch.setattr(b.train, "release", lambda: calls.append(1))
+    for s in range(2 * Batches.RELEASE_EVERY):
+        b.train_batch(s, 0)
+    assert len(calls) == 2
+
+
+def test_shorter_than_window(tmp_path):
+    d = synthetic(str(tmp_path / "d"), [100, 100])
+    with pytest.raises(UserError, match="hold no window"):
+        Batches(d, seq_len=1000, micro_batch=2, seed=0)
+
+
+def test_not_prepared_or_old_layout(tmp_path):
+    with pytest.raises(UserError, match="not a prepared data directory"):
+        Batches(str(tmp_path), 16, 2, 0)
+    (tmp_path / "meta.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(UserError, match="layout version 1"):
+        Batches(str(tmp_path), 16, 2, 0)
 
 
 def corrupt(path, how):
@@ -84,46 +146,40 @@ def corrupt(path, how):
         raw = raw[:-3]
     elif how == "vocab":
         raw[12:16] = (999).to_bytes(4, "little")
+    elif how == "hash":
+        raw[24] ^= 0xFF
+    elif how == "count":  # a consistent file with fewer tokens than meta.json lists
+        raw = raw[:-4]
+        raw[16:24] = ((len(raw) - HEADER_BYTES) // 2).to_bytes(8, "little")
     open(path, "wb").write(bytes(raw))
 
 
 @pytest.mark.parametrize("how, message", [("magic", "bad magic"), ("version", "format version 99"),
-                                          ("truncated", "truncated"), ("vocab", "different tokenizer")])
-def test_header_validation(prepared, tmp_path, how, message):
-    copy = tmp_path / "d"
-    shutil.copytree(prepared, copy)
-    corrupt(copy / "val.bin", how)
+                                          ("truncated", "truncated"), ("vocab", "different tokenizer"),
+                                          ("hash", "different tokenizer"), ("count", "meta.json says")])
+def test_header_validation_names_the_file(tmp_path, how, message):
+    d = synthetic(str(tmp_path / "d"), [500, 500])
+    corrupt(os.path.join(d, "train_0001.bin"), how)
     with pytest.raises(UserError, match=message) as e:
-        Batches(str(copy), seq_len=16, micro_batch=2, seed=0)
-    assert "val.bin" in str(e.value)
+        Batches(d, seq_len=16, micro_batch=2, seed=0)
+    assert "train_0001.bin" in str(e.value)
 
 
-def test_header_struct_fits():
-    assert HEADER.size <= HEADER_BYTES
-
-
-def test_corpus_shorter_than_window(prepared):
-    with pytest.raises(UserError, match="fewer than one window"):
-        Batches(prepared, seq_len=10**6, micro_batch=2, seed=0)
-
-
-def test_sampling_is_a_function_of_seed_step_rank(prepared):
-    a = Batches(prepared, seq_len=16, micro_batch=4, seed=1)
-    b = Batches(prepared, seq_len=16, micro_batch=4, seed=1)
-    x1, y1 = a.train_batch(step=7, micro=1)
-    x2, y2 = b.train_batch(step=7, micro=1)
-    assert x1.equal(x2) and y1.equal(y2)
-    assert x1.shape == (4, 16) and x1[:, 1:].equal(y1[:, :-1])  # targets are inputs shifted by one
-    assert not x1.equal(a.train_batch(step=8, micro=1)[0])
-    assert not x1.equal(a.train_batch(step=7, micro=0)[0])
-    assert not x1.equal(Batches(prepared, 16, 4, seed=1, rank=1, dp=2).train_batch(7, 1)[0])
-    # The global batch does not depend on the data-parallel layout: micro-batch 1 of one process is micro-batch 0
-    # of data-parallel rank 1 of 2.
-    assert x1.equal(Batches(prepared, 16, 4, seed=1, rank=1, dp=2).train_batch(7, 0)[0])
-    v1, v2 = list(a.val_batches(3)), list(a.val_batches(3))
-    assert len(v1) == 3 and all(p[0].equal(q[0]) for p, q in zip(v1, v2))
+def test_missing_shard(tmp_path):
+    d = synthetic(str(tmp_path / "d"), [500, 500])
+    os.remove(os.path.join(d, "val_0000.bin"))
+    with pytest.raises(UserError, match="val_0000.bin not found"):
+        Batches(d, seq_len=16, micro_batch=2, seed=0)
 
 
 def test_unigram_entropy(prepared):
     h = Batches(prepared, seq_len=16, micro_batch=4, seed=1).unigram_entropy()
     assert 0 < h < np.log(512)
+
+
+def test_prepared_fixture_reads(prepared, tmp_path):
+    """The shards prepare writes are what Batches reads (a copy of the directory reads the same)."""
+    shutil.copytree(prepared, tmp_path / "copy")
+    a = Batches(prepared, seq_len=16, micro_batch=4, seed=1)
+    b = Batches(str(tmp_path / "copy"), seq_len=16, micro_batch=4, seed=1)
+    assert a.train_batch(3, 0)[0].equal(b.train_batch(3, 0)[0])

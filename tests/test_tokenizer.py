@@ -1,10 +1,12 @@
+import collections
 import os
 
 import pytest
 
 from conftest import run
-from data import Stats, load_tokenizer, read_documents, train_tokenizer
-from model import UserError
+from errors import UserError
+from prepare import Clean, read_documents
+from tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.mark.parametrize("text", ["话说天下大势，分久必合，合久必分。", "Hello, world! It's 2026.", "😀🐉 emoji 三国",
@@ -29,13 +31,13 @@ def test_trained_tokenizer_identity_and_compression(tokenizer):
 def test_newline_marker_becomes_newline(tmp_path):
     path = tmp_path / "asc.txt"
     path.write_text("第一段<n>第二段\n\n   \nsecond doc<n><n>end\n", encoding="utf-8")
-    docs = list(read_documents(str(path), Stats()))
+    docs = list(read_documents(str(path), Clean(0, 0), collections.Counter()))
     assert docs == ["第一段\n第二段", "second doc\n\nend"]
 
 
 def test_vocab_over_uint16_refused(corpus, tmp_path):
     with pytest.raises(UserError, match="uint16"):
-        train_tokenizer([corpus], 65537, str(tmp_path / "big.tiktoken"))
+        train_tokenizer(["text"], 65537, str(tmp_path / "big.tiktoken"))
 
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
@@ -73,3 +75,35 @@ def test_missing_sidecar_json(tokenizer, tmp_path):
     lonely.write_bytes(open(tokenizer, "rb").read())
     with pytest.raises(UserError, match="lonely.json"):
         load_tokenizer(str(lonely))
+
+
+def test_numpy_encoding_equals_encode_ordinary(tokenizer):
+    """prepare uses encode_to_numpy with special tokens disabled; it must give encode_ordinary's ids, also for
+    text that spells out the end-of-document token."""
+    enc, _ = load_tokenizer(tokenizer)
+    for text in ["话说天下大势<|endoftext|>分久必合", "plain <|endoftext|> text", "曹操\n\n刘备  ", ""]:
+        assert enc.encode_to_numpy(text, disallowed_special=()).tolist() == enc.encode_ordinary(text)
+
+
+def test_sample_is_bounded_and_reproducible(tmp_path):
+    """--sample-mb 0.2 of the 1.8 MB corpus: fewer documents, and the same tokenizer twice."""
+    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sanguo.txt")
+    outs = []
+    for name in ("a", "b"):
+        proc = run("data.py", "train-tokenizer", "--input", corpus, "--vocab-size", 400, "--sample-mb", 0.2,
+                   "--out", tmp_path / f"{name}.tiktoken")
+        outs.append(open(tmp_path / f"{name}.tiktoken", "rb").read())
+        n_docs = int(proc.stdout.split("trained on ")[1].split(" documents")[0])
+        assert 0 < n_docs < 40, proc.stdout  # the corpus has 120 chapters of ~15 KB
+    assert outs[0] == outs[1]
+
+
+def test_sample_spreads_over_the_file(tmp_path):
+    """Blocks are evenly spaced: the sample sees the start and the end of the file."""
+    path = tmp_path / "n.txt"
+    path.write_text("".join(f"document number {i:06d} of the corpus\n" for i in range(100_000)))  # 3.8 MB
+    from prepare import sample_documents
+    docs = list(sample_documents([str(path)], 0.4, Clean(), collections.Counter()))
+    assert docs[0] == "document number 000000 of the corpus"
+    assert 9000 < len(docs) < 11000 and int(docs[-1].split()[2]) > 90_000
+    assert docs == list(sample_documents([str(path)], 0.4, Clean(), collections.Counter()))

@@ -189,10 +189,10 @@ def test_data_from_another_tokenizer(prepared, corpus, tmp_path):
 def test_corrupt_data_and_checkpoint(prepared, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(prepared, data)
-    with open(data / "train.bin", "r+b") as f:
-        f.truncate(os.path.getsize(data / "train.bin") - 10)
+    with open(data / "train_0000.bin", "r+b") as f:
+        f.truncate(os.path.getsize(data / "train_0000.bin") - 10)
     proc = run("train.py", *SMALL, "--data", data, "--out", tmp_path / "r1", check=False)
-    assert proc.returncode != 0 and "train.bin is truncated" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "train_0000.bin is truncated" in proc.stderr and "Traceback" not in proc.stderr
     out = tmp_path / "r2"
     run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 2)
     with open(out / "ckpt_0000002.pt", "r+b") as f:
