@@ -1,6 +1,6 @@
 """The data pipeline against its limits (issue 4). Run by hand; results go in bench/RESULTS.md.
 
-    .venv/bin/python bench/data_bench.py [--mb 200] [--workers N] [--tokenizer PATH] [--vocab 16384]
+    .venv/bin/python bench/data_bench.py [--mb 200] [--workers N] [--piece-mb 4] [--tokenizer PATH] [--vocab 16384]
 
 1. Tokenization: prepare.prepare() with N workers (default: every core) on an ASC22-format corpus of --mb MB,
    against N x the rate of one core of raw tiktoken `encode_ordinary_batch(docs, num_threads=1)` on the same
@@ -59,6 +59,8 @@ def main():
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="prepare workers")
     p.add_argument("--tokenizer", default="", help="a .tiktoken file (default: train one of --vocab tokens)")
     p.add_argument("--vocab", type=int, default=16384)
+    p.add_argument("--piece-mb", type=float, default=4,
+                   help="prepare's unit of work; small enough that every worker gets many (default 4)")
     p.add_argument("--workdir", default="", help="where the corpus and shards go (default: a temp dir)")
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="nanoyuan_databench_")
@@ -86,7 +88,8 @@ def main():
     out = os.path.join(work, "shards")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    meta = prepare([os.path.join(work, "corpus.txt")], tok, out, shard_mb=1024, workers=args.workers)
+    meta = prepare([os.path.join(work, "corpus.txt")], tok, out, shard_mb=1024, piece_mb=args.piece_mb,
+                   workers=args.workers)
     seconds = time.perf_counter() - t0
     rate = corpus_mb / seconds
     eff = rate / (args.workers * one_core)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, sized for a single H100/H200 and about 8 minutes (see DEVELOPERS guide):
-#   1. the test suite with the CUDA tests (tests/test_cuda.py runs only where torch sees a GPU),
+#   1. the test suite with the CUDA tests (tests/test_cuda.py runs only where torch sees a GPU), on 8 pytest-xdist
+#      workers where xdist is installed,
 #   2. training throughput and MFU of `small` and `1.3b` in bf16 on the real loop (train.py),
-# writing device.txt, tests.txt and throughput.txt to $OUT (default out/gpu_check). Uses the machine's own
-# python3 and torch; with no MPI library there, everything runs as a single process.
+#   3. the data benchmark (bench/data_bench.py) on all of the machine's cores,
+# writing device.txt, tests.txt, throughput.txt and data_bench.txt to $OUT (default out/gpu_check). Uses the
+# machine's own python3 and torch; with no MPI library there, everything runs as a single process.
 #   device tool:  bash bench/gpu_check.sh        (then copy the figures into bench/RESULTS.md with the card)
 set -u
 cd "$(dirname "$0")/.."
@@ -15,7 +17,8 @@ mkdir -p "$OUT"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
 
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/tests.txt"
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 180 $PY -m pytest -q $XDIST -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/tests.txt"
 
 $PY data.py train-tokenizer --input data/sanguo.txt --vocab-size 4096 --out "$WORK/tok.tiktoken" > /dev/null &&
 $PY data.py prepare --input data/sanguo.txt --tokenizer "$WORK/tok.tiktoken" --out "$WORK/data" > /dev/null
@@ -24,6 +27,7 @@ run() {  # NAME SECONDS ARGS...: train for a few steps; metrics.jsonl keeps what
   local name=$1 limit=$2; shift 2
   timeout "$limit" $PY train.py --data "$WORK/data" --out "$WORK/$name" --dtype bf16 --eval_interval 100000 \
     --eval_batches 1 --ckpt_interval 100000 "$@" > "$WORK/$name.log" 2>&1
+  tail -4 "$WORK/$name.log" > "$OUT/train_$name.log"
   $PY - "$WORK/$name/metrics.jsonl" "$name $*" <<'PYEOF' | tee -a "$OUT/throughput.txt"
 import json, statistics, sys
 try:
@@ -39,6 +43,8 @@ else:
 PYEOF
 }
 : > "$OUT/throughput.txt"
-run small 120 --preset small --vocab_size 50304 --micro_batch 16 --batch_tokens 16384 --max_steps 25
-run 1.3b 180 --preset 1.3b --vocab_size 53248 --micro_batch 4 --batch_tokens 8192 --max_steps 15
+run small 75 --preset small --vocab_size 50304 --micro_batch 16 --batch_tokens 16384 --max_steps 25
+run 1.3b 120 --preset 1.3b --vocab_size 53248 --micro_batch 4 --batch_tokens 8192 --max_steps 15
+timeout 120 $PY bench/data_bench.py --mb 1000 --piece-mb 8 --workdir "$WORK/bench" 2>&1 | tail -12 |
+  tee "$OUT/data_bench.txt"
 rm -rf "$WORK"
