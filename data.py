@@ -207,7 +207,7 @@ class Batches:
         if self.calls % self.RELEASE_EVERY == 0:
             self.train.release()
             self.val.release()
-        import torch
+        import torch  # here, not at the top: prepare's worker processes import this module and need no torch
         w = torch.from_numpy(part.windows(ids))  # [B, T+1]
         return w[:, :-1], w[:, 1:]  # inputs [B, T], targets [B, T]
 

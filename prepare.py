@@ -150,6 +150,8 @@ def read_documents(path, clean, stats, start=0, end=None):
             except UnicodeDecodeError:
                 line = raw.decode("utf-8", errors="nanoyuan_count")
             line = line.rstrip("\r\n")
+            if offset == 0 and line.startswith("\ufeff"):  # a byte-order mark, as Windows editors write
+                line = line[1:]
             if not line.strip():
                 stats["blank"] += 1
                 continue
@@ -407,7 +409,12 @@ def prepare(inputs, tokenizer, out, val_fraction=0.05, min_chars=10, max_chars=2
     if not 0 < piece_mb <= shard_mb:
         raise UserError(f"--piece-mb {piece_mb} / --shard-mb {shard_mb}: need 0 < piece <= shard.")
     rank, world, local_world, comm = _mpi()
-    workers = workers or max(1, len(os.sched_getaffinity(0)) // local_world)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if world > 1 and rank == 0 and cores < (os.cpu_count() or 1):
+        print(f"note: the launcher bound this rank to {cores} of the node's {os.cpu_count()} cores, and its workers "
+              f"inherit that.\nHINT: launch with --bind-to none (Open MPI) or -bind-to none (MPICH), or give "
+              f"--workers.", file=sys.stderr)
+    workers = workers or max(1, cores // local_world)
     settings = dict(val_fraction=val_fraction, min_chars=min_chars, max_chars=max_chars, shard_mb=shard_mb,
                     piece_mb=piece_mb)
     plan = dict(inputs=[dict(path=os.path.abspath(f), bytes=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns)
@@ -502,8 +509,8 @@ def finish(out, files, inputs, tokenizer, tok, settings, records, seconds, worke
     too_long = f"longer than {settings['max_chars']:,} characters" if settings["max_chars"] else "too long (no limit)"
     tokens = stats["train_tokens"] + stats["val_tokens"]
     print(f"prepared {len(records)} shard{'s' * (len(records) > 1)} from {len(files)} file"
-          f"{'s' * (len(files) > 1)} ({mb:,.1f} MB) in {seconds:.1f} s, {workers} workers x {world} rank"
-          f"{'s' * (world > 1)}\n"
+          f"{'s' * (len(files) > 1)} ({mb:,.1f} MB) in {seconds:.1f} s, {workers} worker{'s' * (workers > 1)} x "
+          f"{world} rank{'s' * (world > 1)}\n"
           f"  documents: {stats['kept']:,} kept ({stats['val_docs']:,} to val); dropped {stats['short']:,} shorter "
           f"than {settings['min_chars']:,} and {stats['long']:,} {too_long}; "
           f"{stats['blank']:,} blank lines skipped\n"

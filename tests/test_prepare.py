@@ -123,10 +123,13 @@ def test_directory_input_is_its_corpus_files_sorted(tokenizer, tmp_path):
 
 
 def test_non_utf8_replaced_and_counted(tokenizer, tmp_path):
-    (tmp_path / "b.txt").write_bytes(b"bad \xff\xfe bytes here<n>line two\n" * 3 + "好的文档，没有问题。\n".encode())
+    (tmp_path / "b.txt").write_bytes("\ufeff好的文档，开头有字节顺序标记。\r\n".encode() +
+                                     b"bad \xff\xfe bytes here<n>line two\n" * 3 + "好的文档，没有问题。\n".encode())
     meta = prepare([str(tmp_path / "b.txt")], tokenizer, str(tmp_path / "out"), 0.3, workers=1)
-    assert meta["stats"]["bad_bytes"] == 6 and meta["stats"]["kept"] == 4
-    assert "bad \ufffd\ufffd bytes here\nline two" in decode_docs(str(tmp_path / "out"), tokenizer)
+    assert meta["stats"]["bad_bytes"] == 6 and meta["stats"]["kept"] == 5
+    docs = decode_docs(str(tmp_path / "out"), tokenizer)
+    assert "bad \ufffd\ufffd bytes here\nline two" in docs
+    assert "好的文档，开头有字节顺序标记。" in docs  # the byte-order mark and the \r are gone
 
 
 def test_empty_files_skipped_with_a_warning(corpus, tokenizer, tmp_path):
@@ -255,9 +258,9 @@ def test_mpiexec_ranks_share_the_work(tokenizer, tmp_path):
     """Two ranks, two workers each: the same bytes as one process."""
     args = ["--input", SANGUO, "--tokenizer", tokenizer, "--shard-mb", 0.3, "--piece-mb", 0.1]
     run("data.py", "prepare", *args, "--workers", 1, "--out", tmp_path / "one")
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "data.py"), "prepare", *map(str, args),
-                           "--workers", "2", "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    cmd = [MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "data.py"), "prepare", *map(str, args),
+           "--workers", "2", "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 workers x 2 ranks" in proc.stdout
     assert files_of(str(tmp_path / "two")) == files_of(str(tmp_path / "one"))
