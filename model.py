@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, f, full_normal,
-                      vocab_parallel_cross_entropy)
+from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, checkpoint, f,
+                      full_normal, vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -55,6 +55,9 @@ class Config:
     # --- parallelism (parallel.py) ---
     tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
+    # --- memory (plan.py estimates what each costs and saves) ---
+    recompute: str = "none"  # activation recomputation: none | selective (core attention) | full (every block)
+    zero1: bool = False  # shard the AdamW state over the data-parallel group (ZeRO stage 1)
 
     def __post_init__(self):
         if self.ffn_hidden == 0:
@@ -78,6 +81,8 @@ class Config:
             raise UserError(f"dtype = {self.dtype!r} is not one of auto, bf16, fp16, fp32.")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout = {self.dropout} must be in [0, 1).")
+        if self.recompute not in ("none", "selective", "full"):
+            raise UserError(f"recompute = {self.recompute!r} is not one of none, selective, full.")
 
     @property
     def head_dim(self):
@@ -142,20 +147,26 @@ class Attention(nn.Module):
     def __init__(self, cfg, dist):
         super().__init__()
         self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // cfg.tp, cfg.head_dim, cfg.dropout, dist
+        self.recompute = cfg.recompute == "selective"
         self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist)  # fused Q, K, V of this rank's heads
         self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist)  # output projection, partial sums reduced by g
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        B, T, C = x.shape
-        qkv = self.qkv(x)  # [B, T, 3C/tp]
+    def core(self, qkv):
+        """softmax(q k^T / sqrt(hd)) v over this rank's heads: [B, T, 3C/tp] -> [B, T, C/tp]. No weights, so
+        recomputing it (--recompute selective) costs no matmul with parameters."""
+        B, T, _ = qkv.shape
         # Per head the layout is [q | k | v] so that a tensor-parallel shard of whole heads is a contiguous slice.
         qkv = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # [B, nh/tp, T, 3hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [B, nh/tp, T, hd]
         with self.dist.rng.fork():  # dropout on this rank's own heads draws from this rank's own generator
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)  # [B, nh/tp, T, hd]
-        y = y.transpose(1, 2).reshape(B, T, C // self.dist.tp)  # [B, T, C/tp]
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, C/tp]
+
+    def forward(self, x):
+        qkv = self.qkv(x)  # [B, T, C] -> [B, T, 3C/tp]
+        y = checkpoint(self.core, self.dist, qkv) if self.recompute and self.training else self.core(qkv)
         return self.resid_drop(self.proj(y))  # [B, T, C], replicated: its dropout mask is shared by the TP group
 
 
@@ -224,8 +235,8 @@ class Yuan(nn.Module):
             raise UserError(f"sequence of {T} tokens is longer than seq_len = {self.cfg.seq_len}.")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
-        for block in self.blocks:
-            x = block(x)
+        for block in self.blocks:  # --recompute full keeps only each block's input and reruns it in backward
+            x = checkpoint(block, self.dist, x) if self.cfg.recompute == "full" and self.training else block(x)
         x = self.ln_f(x)
         logits = F.linear(f(x, self.dist), self.wte.weight)  # tied head: [B, T, C] @ [C, V/tp] -> [B, T, V/tp]
         if targets is None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from errors import UserError
 
@@ -347,6 +348,24 @@ class TPRandom:
         finally:
             self.state = self._get()
             self._set(saved)
+
+
+def checkpoint(fn, dist, *args):
+    """Activation recomputation: run fn(*args) keeping only its inputs; backward runs it again to rebuild what it
+    needs. The recomputation must draw the same dropout masks: torch restores the default generator
+    (preserve_rng_state), and this restores the tensor-parallel generator to its state at the first run."""
+    state, calls = dist.rng.state, [0]
+
+    def run(*a):
+        calls[0] += 1
+        if calls[0] == 1:
+            return fn(*a)
+        later, dist.rng.state = dist.rng.state, state
+        try:
+            return fn(*a)
+        finally:
+            dist.rng.state = later
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
 
 
 def clip_grad_norm(params, max_norm, dist):

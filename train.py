@@ -2,6 +2,7 @@
 config -> data -> model -> optimizer -> loop (lr, micro-batches, clip, step, log, eval, checkpoint).
 
     python train.py --preset tiny --data out/data/sanguo --out out/tiny [--max-steps 300] [--resume] [--dtype fp32]
+    python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--recompute full] [--json]
 
 Every Config field (see model.py) can be overridden as --FIELD VALUE (dashes or underscores).
 """
@@ -23,20 +24,8 @@ from data import Batches
 from errors import UserError
 from model import MODEL_FIELDS, PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from parallel import GradReducer, clip_grad_norm, init_distributed, run_or_abort
+from plan import PEAK_TFLOPS, plan
 
-# Dense peak TFLOPS per accelerator from the vendors' data sheets (no sparsity). fp32 is the non-tensor-core rate,
-# since PyTorch leaves TF32 matmuls off by default. First match wins, so specific names come first.
-PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756, "fp16": 756, "fp32": 51}),
-    ("H100 NVL", {"bf16": 835, "fp16": 835, "fp32": 60}),
-    ("H200", {"bf16": 989, "fp16": 989, "fp32": 67}),
-    ("H100", {"bf16": 989, "fp16": 989, "fp32": 67}),  # SXM
-    ("H800", {"bf16": 989, "fp16": 989, "fp32": 67}),
-    ("A100", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
-    ("A800", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
-    ("L40S", {"bf16": 362, "fp16": 362, "fp32": 91.6}),
-    ("V100", {"fp16": 125, "fp32": 15.7}),  # SXM2; Volta has no bf16
-]
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
 
 
@@ -48,7 +37,10 @@ def usage():
     """The module docstring, then every Config field with its type, default and the comment beside it in model.py."""
     lines = [__doc__, "  --preset NAME      " + " | ".join(PRESETS), "  --data DIR         output of data.py prepare",
              "  --out DIR          checkpoints, metrics.jsonl, config.json", "  --resume           continue from the "
-             "newest checkpoint in --out", "  --overwrite        delete the run in --out and start again", "",
+             "newest checkpoint in --out", "  --overwrite        delete the run in --out and start again",
+             "  --plan             print memory and time per GPU (plan.py) and exit; with --json as JSON;",
+             "                     --gpus N, --gpu H100|H200|A100-40GB|V100-32GB|..., --gpu_mem GB, --mfu 0.45,",
+             "                     --tokens 1e9 describe the machine and the run", "",
              "Config fields (defaults before the preset's values):"]
     for line in inspect.getsource(Config).splitlines():
         m = re.match(r"\s+(\w+): (\w+) = ([^#]+?)\s*(?:#\s*(.*))?$", line)
@@ -57,13 +49,22 @@ def usage():
     return "\n".join(lines)
 
 
+def parse_bool(value):
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
 def parse_args(argv):
     """--preset, --data, --out, --resume, --overwrite, then any Config field as --FIELD VALUE, typed by the field."""
     if "-h" in argv or "--help" in argv:
         print(usage())
         sys.exit(0)
-    opts = {"preset": None, "data": None, "out": None}
-    flags = {"resume": False, "overwrite": False}
+    opts = {"preset": None, "data": None, "out": None, "gpus": None, "gpu": None, "gpu_mem": None, "mfu": None,
+            "tokens": None}
+    flags = {"resume": False, "overwrite": False, "plan": False, "json": False}
     overrides, types = {}, {f.name: f.type for f in fields(Config)}
     i = 0
     while i < len(argv):
@@ -85,7 +86,7 @@ def parse_args(argv):
             opts[key] = value
         elif key in types:
             try:
-                overrides[key] = types[key](value)
+                overrides[key] = parse_bool(value) if types[key] is bool else types[key](value)
             except ValueError:
                 raise UserError(f"--{key} expects {types[key].__name__}, got {value!r}.") from None
         else:
@@ -93,7 +94,10 @@ def parse_args(argv):
             close = difflib.get_close_matches(key, valid, n=1)
             raise UserError(f"unknown option --{key}." + (f" Did you mean --{close[0]}?" if close else "") +
                             f"\nValid: {', '.join('--' + k for k in valid)}")
-    for key in opts:
+    plan_only = ("gpus", "gpu", "gpu_mem", "mfu", "tokens")
+    if not flags["plan"] and any(opts[k] is not None for k in plan_only):
+        raise UserError(f"--{next(k for k in plan_only if opts[k] is not None)} belongs to --plan.")
+    for key in ("preset",) if flags["plan"] else ("preset", "data", "out"):
         if opts[key] is None:
             raise UserError(f"--{key} is required. Presets: {', '.join(PRESETS)}." if key == "preset"
                             else f"--{key} is required.")
@@ -290,8 +294,26 @@ def prepare_out_dir(out, resume, overwrite, dist):
 # The run
 
 
+def plan_from_args(opts, flags, overrides):
+    """--plan: memory and time per GPU from plan.py; nothing is allocated and no data is read."""
+    try:
+        gpus, mem, mfu, tokens = (None if opts[k] is None else float(opts[k]) for k in ("gpus", "gpu_mem", "mfu",
+                                                                                        "tokens"))
+    except ValueError:
+        raise UserError("--gpus, --gpu_mem, --mfu and --tokens take numbers (e.g. --gpu_mem 80 --mfu 0.45).") from None
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu} is a fraction of the peak, in (0, 1].")
+    tp = overrides.get("tp", 1)
+    if gpus is not None and (gpus < 1 or gpus % tp):
+        raise UserError(f"--gpus {gpus:g} must be a positive multiple of --tp {tp}.")
+    return plan(opts["preset"], overrides, gpus=int(gpus) if gpus else None, gpu=opts["gpu"] or "H100",
+                gpu_mem=mem, mfu=mfu or 0.45, tokens=tokens or 1e9, as_json=flags["json"])
+
+
 def train(argv):
     opts, flags, overrides = parse_args(argv)
+    if flags["plan"]:
+        return plan_from_args(opts, flags, overrides)
     cfg = make_config(opts["preset"], **overrides)
     out = opts["out"]
     dist = init_distributed(cfg.tp, cfg.device)
@@ -390,7 +412,7 @@ def train(argv):
         for micro in range(grad_accum):
             x, y = data.train_batch(step, micro)
             with autocast:
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))[1]  # logits not kept
             loss_sum += loss.detach()
             if micro == grad_accum - 1:
                 reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete

@@ -37,9 +37,10 @@ def reference(prepared, tmp_path_factory):
     return losses(out)
 
 
-@pytest.mark.parametrize("n, tp", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
-def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp):
-    mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp)
+@pytest.mark.parametrize("n, tp, extra", [(2, 2, []), (2, 1, []), (4, 2, []), (2, 2, ["--recompute", "full"])],
+                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full"])
+def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra):
+    mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp, *extra)
     train, val, norms = losses(tmp_path / "run")
     assert train == pytest.approx(reference[0], rel=1e-5) and val == pytest.approx(reference[1], rel=1e-5)
     assert norms == pytest.approx(reference[2], rel=1e-5)
@@ -91,3 +92,14 @@ def test_a_failing_rank_ends_the_job_promptly():
                           text=True, timeout=120)
     assert proc.returncode != 0 and "rank 1 fails on purpose" in proc.stderr
     assert time.time() - t0 < 60
+
+
+def test_tp2_recompute_replays_dropout(prepared, tmp_path):
+    """With dropout, recomputation must draw the forward's masks again, also from the per-rank generator of the
+    sharded heads: full and selective recomputation at tp = 2 give the losses of no recomputation."""
+    common = [*SMALL, "--data", prepared, "--max_steps", 3, "--tp", 2, "--dropout", 0.1]
+    results = []
+    for recompute in ("none", "selective", "full"):
+        mpi_train(2, *common, "--out", tmp_path / recompute, "--recompute", recompute)
+        results.append(losses(tmp_path / recompute))
+    assert results[1] == results[0] and results[2] == results[0]

@@ -1,0 +1,135 @@
+"""Will it fit, and how long will it take? Memory and time per GPU, on paper: nothing is allocated.
+
+    python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--micro_batch 1] [--recompute full]
+                    [--zero1 true] [--gpu_mem 80] [--mfu 0.45] [--tokens 1e9] [--json]
+
+Memory per GPU, as train.py holds it (mixed precision keeps fp32 master weights; autocast casts for the matmuls):
+    weights      4 bytes x parameters of this rank (sharded matrices / tp + replicated LayerNorms, biases, positions)
+    gradients    4 bytes x the same, alive through forward and backward (they are, under gradient accumulation)
+    optimizer    8 bytes x the same for AdamW's two moments, divided by dp with --zero1
+    casts        2 bytes x matmul weights in bf16/fp16: autocast's low-precision copies, kept for backward
+    activations  what autograd saves, per layer (below) x layers, plus the final LayerNorm and the loss
+Activations per layer, for n = micro_batch x seq_len tokens, hidden h, FFN f, heads a, r = 4 bytes for the fp32
+residual stream and LayerNorm inputs, s = 2 (bf16/fp16) or 4 (fp32) for the rest:
+    none       n * (2r h + 2s h + 5s h/tp + 2s f/tp) + 4 n a/tp     LayerNorm inputs, their casts for the two column-
+               parallel matmuls, q k v, attention output and its reshaped copy, the MLP's two f-wide tensors,
+               flash attention's log-sum-exp (+ 2 n h one-byte dropout masks when dropout > 0)
+    selective  none - n (s h/tp + 4 a/tp): core attention is recomputed, its output and log-sum-exp not kept.
+               Flash attention never stores the T x T scores, so this saves little (Korthikanti et al. 2022
+               recompute attention to avoid those scores, which SDPA already does).
+    full       n r h per layer (the block input), plus the larger of the loss's peak and one layer's `none`
+               activations while it is recomputed, with its largest gradients n (2s f/tp + 2r h)
+The loss keeps fp32 log-probabilities [n, V/tp], and the start of backward holds two gradients of that size.
+Measured against these formulas on CPU in fp32 (tests/test_plan.py): within 3% for none, selective and full. The
+plan assumes flash attention (GPU); CPU attention with dropout stores T x T probabilities the plan leaves out.
+"""
+import json
+
+from model import flops_per_token, make_config
+
+# Dense peak TFLOP/s by datasheet, per dtype; train.py reads it for MFU. First match of the name wins.
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"bf16": 756, "fp16": 756, "fp32": 51}),
+    ("H100 NVL", {"bf16": 835, "fp16": 835, "fp32": 60}),
+    ("H200", {"bf16": 989, "fp16": 989, "fp32": 67}),
+    ("H100", {"bf16": 989, "fp16": 989, "fp32": 67}),  # SXM
+    ("H800", {"bf16": 989, "fp16": 989, "fp32": 67}),
+    ("A100", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
+    ("A800", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
+    ("L40S", {"bf16": 362, "fp16": 362, "fp32": 91.6}),
+    ("V100", {"fp16": 125, "fp32": 15.7}),  # SXM2; Volta has no bf16
+]
+GPU_MEM_GB = {"H200": 141, "H100": 80, "H800": 80, "A100-40GB": 40, "A100": 80, "A800": 80, "L40S": 48,
+              "V100-32GB": 32, "V100": 16}
+SLACK_GB = 2.0  # CUDA context, allocator fragmentation, NCCL buffers: what a plan must leave free
+
+
+def params_per_rank(cfg, tp):
+    """(parameters on one tensor-parallel rank, of which matmul weights and biases). Matrices, column-parallel
+    biases and the vocabulary are split by tp; LayerNorms, row-parallel biases and positions are replicated."""
+    h, f, L, V, T = cfg.n_embd, cfg.ffn_hidden, cfg.n_layer, cfg.vocab_size, cfg.seq_len
+    sharded = L * (3 * h * h + 3 * h + h * h + h * f + f + f * h) + V * h
+    replicated = L * (2 * h + h + 2 * h + h) + T * h + 2 * h
+    matmul = (L * (4 * h * h + 2 * h * f + 3 * h + f) + V * h) // tp + L * 2 * h
+    return sharded // tp + replicated, matmul
+
+
+def activation_bytes(cfg, micro_batch, tp, dtype, recompute):
+    """(bytes saved for backward per layer as stored, bytes of the whole model's activations) on one rank."""
+    n, h, f, a = micro_batch * cfg.seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
+    r, s = 4, (4 if dtype == "fp32" else 2)
+    layer = n * (2 * r * h + 2 * s * h + 5 * s * h // tp + 2 * s * f // tp) + 4 * n * a // tp
+    if cfg.dropout > 0:
+        layer += 2 * n * h
+    if recompute == "selective":
+        layer -= n * s * h // tp + 4 * n * a // tp
+    head = n * (r * h + s * h)  # final LayerNorm input and its cast for the tied head
+    loss = 3 * 4 * n * cfg.vocab_size // tp  # log-probabilities, and two gradients of their size in backward
+    if recompute == "full":  # the peak: the loss's backward, or later one layer's recomputation and its backward
+        stored = n * r * h   # (whose largest gradients, of the two f-wide tensors and the residual, coexist)
+        return stored, cfg.n_layer * stored + max(head + loss, layer + 2 * n * s * f // tp + 2 * n * r * h)
+    return layer, cfg.n_layer * layer + head + loss
+
+
+def estimate(cfg, tp=1, dp=1, dtype="bf16"):
+    """Bytes per GPU of each part, FLOPs per token, and the parameter count per rank."""
+    n_rank, n_matmul = params_per_rank(cfg, tp)
+    per_layer, act = activation_bytes(cfg, cfg.micro_batch, tp, dtype, cfg.recompute)
+    parts = dict(weights=4 * n_rank, gradients=4 * n_rank, optimizer=8 * n_rank // (dp if cfg.zero1 else 1),
+                 casts=0 if dtype == "fp32" else 2 * n_matmul, activations=act)
+    return dict(params_per_rank=n_rank, bytes=parts, total_bytes=sum(parts.values()), layer_bytes=per_layer,
+                flops_per_token=flops_per_token(cfg))
+
+
+def gpu_peak(gpu, dtype):
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in gpu.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, tokens=1e9, as_json=False):
+    cfg = make_config(preset, **overrides)
+    tp = cfg.tp
+    gpus = gpus or tp
+    if gpus % tp:
+        raise ValueError(f"--gpus {gpus} is not a multiple of --tp {tp}.")
+    dp = gpus // tp
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
+    mem_gb = gpu_mem or next((m for k, m in GPU_MEM_GB.items() if k.lower() == gpu.lower()),
+                             next((m for k, m in GPU_MEM_GB.items() if k.lower() in gpu.lower()), None))
+    peak = cfg.peak_tflops or gpu_peak(gpu, dtype)
+    e = estimate(cfg, tp, dp, dtype)
+    total_gb = e["total_bytes"] / 1e9
+    tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak else None
+    result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
+                  seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1, **e,
+                  gpu_mem_gb=mem_gb, fits=None if mem_gb is None else total_gb + SLACK_GB <= mem_gb,
+                  peak_tflops=peak, mfu=mfu, tokens_per_s=tok_s, tokens=tokens,
+                  hours=tokens / tok_s / 3600 if tok_s else None)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return result
+    b = e["bytes"]
+    gb = lambda x: f"{x / 1e9:8.2f} GB"  # noqa: E731
+    print(f"{preset} on {gpus} x {gpu}: tp {tp} x dp {dp}, {dtype}, micro-batch {cfg.micro_batch} x {cfg.seq_len}, "
+          f"recompute {cfg.recompute}, ZeRO-1 {'on' if cfg.zero1 else 'off'}\nper GPU")
+    print(f"  parameters     {e['params_per_rank']:>14,}")
+    print(f"  weights        {gb(b['weights'])}   fp32 master copy")
+    print(f"  gradients      {gb(b['gradients'])}   fp32")
+    print(f"  optimizer      {gb(b['optimizer'])}   AdamW moments, fp32" + (f", sharded over dp {dp}" if cfg.zero1
+                                                                             else ""))
+    print(f"  casts          {gb(b['casts'])}   {dtype} copies of the matmul weights (autocast)")
+    print(f"  activations    {gb(b['activations'])}   {e['layer_bytes'] / 1e6:,.0f} MB per layer as stored x "
+          f"{cfg.n_layer}, plus LayerNorm, head and loss")
+    fit = "" if mem_gb is None else (f" of {mem_gb} GB: fits, {mem_gb - total_gb:.1f} GB free" if result["fits"]
+                                     else f" of {mem_gb} GB: DOES NOT FIT (needs {SLACK_GB:.0f} GB of slack)")
+    print(f"  total          {gb(e['total_bytes'])}{fit}")
+    print(f"model FLOPs per token {e['flops_per_token'] / 1e9:.2f} G" + (" (recompute adds ~1/3 more hardware work)"
+                                                                        if cfg.recompute == "full" else ""))
+    if tok_s:
+        print(f"at {mfu:.0%} MFU of {peak:g} TFLOP/s per GPU: {tok_s:,.0f} tokens/s; {tokens:.3g} tokens in "
+              f"{result['hours']:.1f} h")
+    else:
+        print(f"no peak FLOP/s known for {gpu} in {dtype}: pass --peak_tflops for the time estimate")
+    return result

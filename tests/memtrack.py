@@ -1,0 +1,32 @@
+"""Measured memory on any device: the bytes of tensor storage alive while a TorchDispatchMode watches, and their
+peak. Used to check plan.py's estimates on CPU, where torch keeps no allocator statistics."""
+import weakref
+
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveBytes(TorchDispatchMode):
+    """Every storage an op creates inside `with LiveBytes() as m:` is counted until it is freed; m.peak is the
+    largest total seen. Create the model, optimizer and data inside the block so that they are counted too."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.refs = 0, 0, {}
+
+    def _freed(self, key, nbytes):
+        self.live -= nbytes
+        del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if hasattr(t, "untyped_storage") and not t.is_meta:
+                st = t.untyped_storage()
+                key = id(st)
+                if key not in self.refs and st.nbytes():
+                    n = st.nbytes()
+                    self.refs[key] = weakref.ref(st, lambda _, k=key, n=n: self._freed(k, n))
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+        return out

@@ -1,0 +1,97 @@
+"""plan.py against the real model: parameter counts per rank on the meta device, and memory estimates against the
+bytes actually alive during training steps on CPU (tests/memtrack.py)."""
+import json
+
+import pytest
+import torch
+
+from conftest import run
+from memtrack import LiveBytes
+from model import Yuan, count_params, make_config
+from parallel import Dist
+from plan import estimate, params_per_rank
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_yuan_params_per_rank(tp):
+    cfg = make_config("yuan-4.7b", tp=tp)
+    with torch.device("meta"):
+        model = Yuan(cfg, Dist(tp=tp, tp_rank=tp - 1))
+    n_rank, _ = params_per_rank(cfg, tp)
+    assert sum(p.numel() for p in model.parameters()) == n_rank
+    sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tp_sharded", False))
+    assert tp * sharded + (n_rank - sharded) == count_params(cfg) == 4_701_321_216
+
+
+def measured_peak(cfg, autocast_dtype=None, steps=2, accum=2):
+    """Peak bytes alive during the last of `steps` optimizer steps of `accum` micro-batches each, counting the model,
+    AdamW and everything autograd keeps (the loop of train.py: forward, backward, step, zero_grad)."""
+    torch.manual_seed(0)
+    with LiveBytes() as mem:
+        model = Yuan(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(steps):
+            mem.peak = mem.live
+            for _ in range(accum):
+                x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len))
+                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                    loss = model(x, x)[1]
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return mem.peak
+
+
+@pytest.mark.parametrize("dtype, extra", [("fp32", {}), ("fp32", dict(recompute="selective")),
+                                          ("fp32", dict(recompute="full")), ("fp32", dict(n_embd=256, n_head=8)),
+                                          ("bf16", {}), ("bf16", dict(recompute="full"))])
+def test_estimate_within_10_percent_of_measured(dtype, extra):
+    cfg = make_config("tiny", **{**dict(n_layer=4, n_embd=128, n_head=4, seq_len=256, vocab_size=2048,
+                                        micro_batch=4, dtype=dtype), **extra})
+    got = measured_peak(cfg, torch.bfloat16 if dtype == "bf16" else None)
+    want = estimate(cfg, tp=1, dp=1, dtype=dtype)["total_bytes"]
+    assert abs(want - got) / got < 0.10, f"estimate {want / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
+
+
+def test_recompute_saves_what_the_plan_says():
+    """The measured saving of full recomputation is real and of the size the plan predicts."""
+    base = dict(n_layer=6, n_embd=128, n_head=4, seq_len=256, vocab_size=512, micro_batch=4, dtype="fp32")
+    none, full = (make_config("tiny", **base, recompute=r) for r in ("none", "full"))
+    saved = measured_peak(none) - measured_peak(full)
+    predicted = estimate(none, dtype="fp32")["total_bytes"] - estimate(full, dtype="fp32")["total_bytes"]
+    assert saved > 0.3 * measured_peak(none) and abs(saved - predicted) / saved < 0.10
+
+
+def test_plan_cli_and_the_issue_goals():
+    proc = run("train.py", "--preset", "yuan-4.7b", "--tp", 8, "--plan", "--gpus", 8, "--gpu", "H100")
+    assert "593,820,672" in proc.stdout and "fits" in proc.stdout and "tokens/s" in proc.stdout
+    goals = [("V100-32GB", 4, 4, "fp16", ["--recompute", "full"]), ("A100-40GB", 8, 8, "bf16", []),
+             ("H200", 1, 1, "bf16", ["--recompute", "full"])]
+    for gpu, gpus, tp, dtype, extra in goals:
+        proc = run("train.py", "--preset", "yuan-4.7b", "--tp", tp, "--plan", "--gpus", gpus, "--gpu", gpu, "--json",
+                   *extra)
+        r = json.loads(proc.stdout)
+        assert r["fits"] and r["dtype"] == dtype and r["tp"] == tp, r
+        assert r["hours"] == pytest.approx(1e9 / (gpus * r["peak_tflops"] * 1e12 * 0.45 / r["flops_per_token"])
+                                           / 3600)
+    r = json.loads(run("train.py", "--preset", "yuan-4.7b", "--tp", 1, "--plan", "--gpu", "H100", "--json").stdout)
+    assert not r["fits"]  # 4.7B with AdamW in fp32 is over 75 GB before any activation
+
+
+def test_zero1_divides_the_optimizer_state():
+    cfg = make_config("yuan-4.7b", tp=4, zero1=True)
+    plain = estimate(make_config("yuan-4.7b", tp=4), tp=4, dp=2)["bytes"]
+    sharded = estimate(cfg, tp=4, dp=2)["bytes"]
+    assert sharded["optimizer"] * 2 == plain["optimizer"] and sharded["weights"] == plain["weights"]
+
+
+@pytest.mark.parametrize("args, message", [(["--gpus", 6, "--tp", 4], "multiple of --tp"),
+                                           (["--mfu", 45], "fraction"), (["--gpu_mem", "lots"], "numbers")])
+def test_plan_errors(args, message):
+    proc = run("train.py", "--preset", "yuan-4.7b", "--plan", *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plan_options_need_plan(tmp_path):
+    proc = run("train.py", "--preset", "tiny", "--data", tmp_path, "--out", tmp_path / "o", "--gpus", 8, check=False)
+    assert proc.returncode != 0 and "--gpus belongs to --plan" in proc.stderr
