@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data import Batches
 from errors import UserError
 from model import MODEL_FIELDS, PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
-from parallel import GradReducer, clip_grad_norm, init_distributed, run_or_abort
+from parallel import GradReducer, ZeroAdamW, clip_grad_norm, init_distributed, run_or_abort
 from plan import PEAK_TFLOPS, plan
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
@@ -204,13 +204,14 @@ def checkpoints(out, tp=1, tp_rank=0):
 
 def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist):
     """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies)."""
+    opt_state = opt.state_dict()  # with --zero1 a collective (the moments are gathered): every rank calls it
     if dist.dp_rank != 0:
         return
     # The data position is (seed, step): Batches reads step s from the permuted epochs that (seed, s) determine.
     state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": model.state_dict(),
              "data_position": {"seed": cfg.seed, "next_step": step + 1},
              "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
-             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "optimizer": opt_state, "scaler": scaler.state_dict(),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                      "tp": dist.rng.state if dist.rng.state is not None else torch.zeros(0, dtype=torch.uint8)}}
@@ -352,12 +353,16 @@ def train(argv):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    try:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    except (RuntimeError, TypeError):  # no fused kernel for this device or torch build
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    if cfg.zero1:  # moments sharded over dp; gradients reduce-scattered after the last backward (parallel.py)
+        opt = reducer = ZeroAdamW(groups, dist, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        clip_params = opt.shards
+    else:
+        try:
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        except (RuntimeError, TypeError):  # no fused kernel for this device or torch build
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        reducer, clip_params = GradReducer(params, dist, cfg.bucket_mb), params
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
-    reducer = GradReducer(params, dist, cfg.bucket_mb)
 
     step = 0
     if flags["resume"] and checkpoints(out, dist.tp, dist.tp_rank):
@@ -418,7 +423,7 @@ def train(argv):
                 reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete
             (loss * (scaler.scale / grad_accum)).backward()
         reducer.finish()
-        grad_norm, finite = scaler.unscale_and_clip(params, cfg.grad_clip, dist)
+        grad_norm, finite = scaler.unscale_and_clip(clip_params, cfg.grad_clip, dist)
         if finite:
             opt.step()
         scaler.update(finite)

@@ -37,8 +37,10 @@ def reference(prepared, tmp_path_factory):
     return losses(out)
 
 
-@pytest.mark.parametrize("n, tp, extra", [(2, 2, []), (2, 1, []), (4, 2, []), (2, 2, ["--recompute", "full"])],
-                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full"])
+@pytest.mark.parametrize("n, tp, extra", [(2, 2, []), (2, 1, []), (4, 2, []), (2, 2, ["--recompute", "full"]),
+                                          (1, 1, ["--zero1", "true"]), (2, 1, ["--zero1", "true"]),
+                                          (4, 2, ["--zero1", "true"])],
+                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full", "zero1", "dp2-zero1", "tp2xdp2-zero1"])
 def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra):
     mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp, *extra)
     train, val, norms = losses(tmp_path / "run")
@@ -103,3 +105,18 @@ def test_tp2_recompute_replays_dropout(prepared, tmp_path):
         mpi_train(2, *common, "--out", tmp_path / recompute, "--recompute", recompute)
         results.append(losses(tmp_path / recompute))
     assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_zero1_resume_is_exact_and_checkpoints_are_plain(prepared, tmp_path):
+    """ZeRO-1 at dp = 2: stopped at step 5 and resumed, it ends where the uninterrupted run ends. Its checkpoint
+    holds the ordinary (gathered) AdamW state, so the same run also resumes without --zero1."""
+    common = [*SMALL, "--data", prepared, "--lr_decay_steps", 10, "--ckpt_interval", 5]
+    mpi_train(2, *common, "--zero1", "true", "--out", tmp_path / "a", "--max_steps", 10)
+    for name, extra in (("b", ["--zero1", "true"]), ("c", [])):
+        mpi_train(2, *common, "--zero1", "true", "--out", tmp_path / name, "--max_steps", 5)
+        mpi_train(2, *common, *extra, "--out", tmp_path / name, "--max_steps", 10, "--resume")
+    keys = ("step", "loss", "lr", "grad_norm", "val_loss")
+    strip = lambda rows: [{k: r[k] for k in keys if k in r} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    assert [r["loss"] for r in read_metrics(tmp_path / "c") if "loss" in r] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r], rel=1e-6)
