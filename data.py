@@ -144,9 +144,6 @@ class TokenShards:
         self.start = np.concatenate([[0], np.cumsum(self.per_shard)])
         self.n = int(self.start[-1])  # windows in the split
 
-    def tokens(self):
-        return sum(len(a) for a in self.arrays)
-
     def windows(self, ids):
         """Stack windows `ids` (indices into the split's grid) into an int64 array [len(ids), seq_len + 1]."""
         shard = np.searchsorted(self.start, ids, side="right") - 1

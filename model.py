@@ -52,7 +52,7 @@ class Config:
     keep_ckpts: int = 2  # how many recent checkpoints to keep
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
-    # --- parallelism (parallel.py) ---
+    # --- parallelism (parallel.py, data_parallel.py) ---
     tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
     # --- memory (plan.py estimates what each costs and saves) ---

@@ -1,4 +1,5 @@
-"""Distributed training by hand: the MPI bootstrap, Megatron-style tensor-parallel layers.
+"""Distributed training by hand: the MPI bootstrap, Megatron-style tensor-parallel layers. (Keeping the
+data-parallel replicas in step, gradient reduction and ZeRO-1, is data_parallel.py.)
 
 Every layer here is tested against the unsharded computation under `mpiexec` (tests/test_parallel.py). At
 tensor-parallel size 1 the collectives are skipped and the layers are plain nn.Linear / nn.Embedding arithmetic.
@@ -10,7 +11,6 @@ data-parallel groups are the strided rest. With 8 ranks and tp=4:
     tp group:  [0 1 2 3] [4 5 6 7]          tp_rank = rank % tp
     dp group:  [0 4] [1 5] [2 6] [3 7]      dp_rank = rank // tp
 """
-import math
 import os
 import socket
 import sys
@@ -309,7 +309,7 @@ def vocab_parallel_cross_entropy(logits, targets, dist, start):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Randomness, gradient norm, data-parallel gradient reduction
+# Randomness: dropout across tensor-parallel ranks, and recomputation that replays it
 
 
 class TPRandom:
@@ -366,212 +366,3 @@ def checkpoint(fn, dist, *args):
         finally:
             dist.rng.state = later
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
-
-
-def clip_grad_norm(params, max_norm, dist):
-    """Global gradient norm, then clip. Sharded parameters (tp_sharded) hold different slices on each tp rank, so
-    their squared norms are summed over the tensor-parallel group; replicated ones are identical on every rank and
-    counted once. ZeRO-1 shards (dp_sharded) are disjoint slices on each data-parallel rank: summed over that group
-    first. Every rank gets the same norm, so all agree on skipping an fp16 overflow step."""
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = [p.grad for p in params if p.grad is not None and getattr(p, "tp_sharded", False)]
-    replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "tp_sharded", False)]
-    sq = torch.zeros(2, device=grads[0].device)
-    for i, group in enumerate((sharded, replicated)):
-        if group:
-            sq[i] = torch.stack(torch._foreach_norm(group)).float().pow(2).sum()
-    if dist.dp > 1 and any(getattr(p, "dp_sharded", False) for p in params):  # ZeRO-1 shards: disjoint slices
-        tdist.all_reduce(sq, group=dist.dp_group)
-    if dist.tp > 1:
-        tdist.all_reduce(sq[:1], group=dist.tp_group)
-    norm = sq.sum().sqrt()
-    if max_norm > 0 and math.isfinite(norm.item()):
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    return norm.item()
-
-
-class GradReducer:
-    """Average gradients over the data-parallel group, by hand. Parameters are grouped into flat buckets of about
-    bucket_mb MB in reverse order (the order backward produces their gradients). During the backward of the last
-    micro-batch, a hook counts each bucket's finished gradients and launches its all-reduce asynchronously as soon
-    as the bucket is complete, overlapping communication with the rest of the backward; finish() waits for all of
-    them before the optimizer step. Earlier micro-batches only accumulate locally: no communication."""
-
-    def __init__(self, params, dist, bucket_mb=25.0):
-        self.dist, self.active, self.pending = dist, False, []
-        self.buckets, self.bucket_of, size = [[]], {}, 0
-        for p in reversed([p for p in params if p.requires_grad]):
-            if size and size + p.numel() * 4 > bucket_mb * 2**20:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            self.bucket_of[p] = len(self.buckets) - 1
-            size += p.numel() * 4
-        self.ready = [0] * len(self.buckets)
-        if dist.dp > 1:
-            for p in self.bucket_of:
-                p.register_post_accumulate_grad_hook(self._on_grad)
-
-    def _on_grad(self, p):
-        if not self.active:
-            return
-        b = self.bucket_of[p]
-        self.ready[b] += 1
-        if self.ready[b] == len(self.buckets[b]):
-            self._launch(b)
-
-    def _launch(self, b):
-        flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[b]])
-        self.pending.append((b, flat, tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)))
-
-    def start(self):
-        """Call before the backward of the last micro-batch."""
-        self.active, self.ready = self.dist.dp > 1, [0] * len(self.buckets)
-
-    def finish(self):
-        """Wait for every bucket, then write the averaged gradients back into p.grad."""
-        if self.dist.dp == 1:
-            return
-        launched = {b for b, _, _ in self.pending}
-        for b in range(len(self.buckets)):  # a bucket whose gradients never all arrived (unused parameters)
-            if b not in launched:
-                for p in self.buckets[b]:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                self._launch(b)
-        for b, flat, work in self.pending:
-            work.wait()
-            flat /= self.dist.dp
-            for p, chunk in zip(self.buckets[b], flat.split([p.numel() for p in self.buckets[b]])):
-                p.grad.copy_(chunk.view_as(p))
-        self.active, self.pending = False, []
-
-
-class ZeroAdamW:
-    """ZeRO stage 1 (Rajbhandari et al. 2020) by hand: AdamW whose moments are sharded over the data-parallel group.
-
-    The parameters are packed into flat fp32 buffers (one per weight-decay setting and tensor-parallel kind, padded
-    to a multiple of dp) and become views of them. Each step:
-        reduce_grads(): flat gradient -> reduce-scatter over dp -> this rank's 1/dp slice, averaged
-        (clip_grad_norm on the slices: their squares summed over dp)
-        step():         AdamW on this rank's slice only (1/dp of the moments live here)
-                        -> all-gather the updated slices: every rank has every parameter again
-    It replaces GradReducer's all-reduce: a reduce-scatter plus an all-gather move the same bytes. The state_dict is
-    the plain torch.optim.AdamW one (moments gathered to full size), so checkpoints do not depend on --zero1."""
-
-    def __init__(self, groups, dist, **adamw):
-        self.dist, self.groups, self.flats, shard_groups = dist, groups, [], []
-        D, d = dist.dp, dist.dp_rank
-        for gi, group in enumerate(groups):
-            for tp_kind in (True, False):
-                params = [p for p in group["params"] if getattr(p, "tp_sharded", False) == tp_kind]
-                if not params:
-                    continue
-                n = sum(p.numel() for p in params)
-                flat = torch.zeros(-(-n // D) * D, device=params[0].device)  # padded: dp equal slices
-                offsets, o = [], 0
-                for p in params:
-                    flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
-                    p.data = flat[o:o + p.numel()].view_as(p)  # the parameter now lives in the flat buffer
-                    offsets.append(o)
-                    o += p.numel()
-                size = flat.numel() // D
-                shard = nn.Parameter(flat[d * size:(d + 1) * size])  # a view: updating it updates the buffer
-                shard.tp_sharded, shard.dp_sharded = tp_kind, True
-                self.flats.append(dict(group=gi, params=params, offsets=offsets, flat=flat, shard=shard))
-                shard_groups.append({"params": [shard], "weight_decay": group["weight_decay"]})
-        try:
-            self.inner = torch.optim.AdamW(shard_groups, fused=True, **adamw)
-        except (RuntimeError, TypeError):  # no fused kernel for this device or torch build
-            self.inner = torch.optim.AdamW(shard_groups, **adamw)
-        self.param_groups, self.shards = self.inner.param_groups, [f["shard"] for f in self.flats]
-        self.nccl = D > 1 and tdist.get_backend(dist.dp_group) == "nccl"
-
-    def reduce_grads(self):
-        """The averaged gradient of this rank's slice, from the full local gradients p.grad."""
-        D = self.dist.dp
-        for f in self.flats:
-            flat = torch.zeros_like(f["flat"])
-            for p, o in zip(f["params"], f["offsets"]):
-                if p.grad is not None:
-                    flat[o:o + p.numel()].copy_(p.grad.reshape(-1))
-            size = flat.numel() // D
-            if D > 1 and self.nccl:
-                grad = torch.empty(size, device=flat.device)
-                tdist.reduce_scatter_tensor(grad, flat, group=self.dist.dp_group)
-            elif D > 1:  # gloo has no reduce-scatter: all-reduce, keep our slice (same result, twice the traffic)
-                tdist.all_reduce(flat, group=self.dist.dp_group)
-                grad = flat[self.dist.dp_rank * size:(self.dist.dp_rank + 1) * size]
-            else:
-                grad = flat
-            f["shard"].grad = grad / D
-
-    def start(self):  # GradReducer's interface: nothing to launch during backward
-        pass
-
-    def finish(self):  # GradReducer's interface: after the last backward, reduce-scatter instead of all-reduce
-        self.reduce_grads()
-
-    def step(self):
-        self.inner.step()
-        if self.dist.dp > 1:
-            for f in self.flats:
-                mine = f["shard"].detach().clone()
-                if self.nccl:
-                    tdist.all_gather_into_tensor(f["flat"], mine, group=self.dist.dp_group)
-                else:
-                    tdist.all_gather(list(f["flat"].chunk(self.dist.dp)), mine, group=self.dist.dp_group)
-
-    def zero_grad(self, set_to_none=True):
-        self.inner.zero_grad(set_to_none=set_to_none)
-        for f in self.flats:
-            for p in f["params"]:
-                p.grad = None
-
-    def _full(self, f, key):
-        """A moment of flat buffer f at full size (a collective: every dp rank must call it)."""
-        mine = self.inner.state[f["shard"]][key] if f["shard"] in self.inner.state else torch.zeros_like(f["shard"])
-        full = torch.empty_like(f["flat"])
-        if self.dist.dp > 1:
-            tdist.all_gather(list(full.chunk(self.dist.dp)), mine.detach().clone(), group=self.dist.dp_group)
-        else:
-            full.copy_(mine)
-        return full
-
-    def state_dict(self):
-        """torch.optim.AdamW's format for the original parameters, in the original groups' order."""
-        index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
-        state = {}
-        for f in self.flats:
-            if f["shard"] not in self.inner.state:
-                continue
-            step = self.inner.state[f["shard"]]["step"]
-            moments = {k: self._full(f, k) for k in ("exp_avg", "exp_avg_sq")}
-            for p, o in zip(f["params"], f["offsets"]):
-                state[index[id(p)]] = {"step": step.clone(), **{k: m[o:o + p.numel()].view_as(p).clone()
-                                                                for k, m in moments.items()}}
-        groups = []
-        for g in self.groups:
-            groups.append({**{k: v for k, v in self.param_groups[0].items() if k != "params"},
-                           "weight_decay": g["weight_decay"], "params": [index[id(p)] for p in g["params"]]})
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, sd):
-        """Take this rank's slice of every moment from a plain AdamW state_dict."""
-        index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
-        D, d = self.dist.dp, self.dist.dp_rank
-        for f in self.flats:
-            ids = [index[id(p)] for p in f["params"]]
-            if not all(i in sd["state"] for i in ids):
-                continue
-            size = f["flat"].numel() // D
-            st = {}
-            for k in ("exp_avg", "exp_avg_sq"):
-                full = torch.zeros_like(f["flat"])
-                for p, o, i in zip(f["params"], f["offsets"], ids):
-                    full[o:o + p.numel()].copy_(sd["state"][i][k].reshape(-1))
-                st[k] = full[d * size:(d + 1) * size].clone()
-            st["step"] = sd["state"][ids[0]]["step"].clone()
-            self.inner.state[f["shard"]] = st
-        for group, saved in zip(self.param_groups, [sd["param_groups"][f["group"]] for f in self.flats]):
-            group.update({k: v for k, v in saved.items() if k not in ("params", "weight_decay")})

@@ -25,6 +25,7 @@ plan assumes flash attention (GPU); CPU attention with dropout stores T x T prob
 """
 import json
 
+from errors import UserError
 from model import flops_per_token, make_config
 
 # Dense peak TFLOP/s by datasheet, per dtype; train.py reads it for MFU. First match of the name wins.
@@ -39,8 +40,8 @@ PEAK_TFLOPS = [
     ("L40S", {"bf16": 362, "fp16": 362, "fp32": 91.6}),
     ("V100", {"fp16": 125, "fp32": 15.7}),  # SXM2; Volta has no bf16
 ]
-GPU_MEM_GB = {"H200": 141, "H100": 80, "H800": 80, "A100-40GB": 40, "A100": 80, "A800": 80, "L40S": 48,
-              "V100-32GB": 32, "V100": 16}
+GPU_MEM_GB = [("H200", 141), ("H100", 80), ("H800", 80), ("A100-40GB", 40), ("A100", 80), ("A800", 80),
+              ("L40S", 48), ("V100-32GB", 32), ("V100", 16)]
 SLACK_GB = 2.0  # CUDA context, allocator fragmentation, NCCL buffers: what a plan must leave free
 
 
@@ -81,24 +82,21 @@ def estimate(cfg, tp=1, dp=1, dtype="bf16"):
                 flops_per_token=flops_per_token(cfg))
 
 
-def gpu_peak(gpu, dtype):
-    for key, peaks in PEAK_TFLOPS:
-        if key.lower() in gpu.lower():
-            return peaks.get(dtype)
-    return None
+def lookup(table, gpu):
+    """The first entry of table (pairs, specific names first) whose name is part of the GPU's name, or None."""
+    return next((value for key, value in table if key.lower() in gpu.lower()), None)
 
 
 def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, tokens=1e9, as_json=False):
     cfg = make_config(preset, **overrides)
     tp = cfg.tp
-    gpus = gpus or tp
-    if gpus % tp:
-        raise ValueError(f"--gpus {gpus} is not a multiple of --tp {tp}.")
+    gpus = tp if gpus is None else gpus
+    if gpus < 1 or gpus % tp:
+        raise UserError(f"--gpus {gpus:g} must be a positive multiple of --tp {tp}.")
     dp = gpus // tp
     dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
-    mem_gb = gpu_mem or next((m for k, m in GPU_MEM_GB.items() if k.lower() == gpu.lower()),
-                             next((m for k, m in GPU_MEM_GB.items() if k.lower() in gpu.lower()), None))
-    peak = cfg.peak_tflops or gpu_peak(gpu, dtype)
+    mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)
+    peak = cfg.peak_tflops or (lookup(PEAK_TFLOPS, gpu) or {}).get(dtype)
     e = estimate(cfg, tp, dp, dtype)
     total_gb = e["total_bytes"] / 1e9
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak else None

@@ -348,16 +348,16 @@ def finished_shard(out, k, tok):
         return None
 
 
-def write_shards(out, shards, todo, tok, tasks, workers, progress):
-    """Tokenize the pieces of shards `todo` on `workers` processes; write each shard in piece order. Yields each
-    finished shard's record."""
+def write_shards(out, shards, todo, tok, how, workers, progress):
+    """Tokenize the pieces of shards `todo` on `workers` processes (`how` = tokenizer spec, Clean, val fraction);
+    write each shard in piece order. Yields each finished shard's record."""
     pieces = [(k, i) for k in todo for i in range(len(shards[k]))]
     ctx = multiprocessing.get_context("spawn")  # no fork: this process may hold MPI and thread state
     pool = ctx.Pool(workers) if workers > 1 else None
     try:
         writers, stats = None, None
-        for (k, i), (ids, st) in zip(pieces, _in_order(pool, tokenize_piece, (tasks(shards[k][i]) for k, i in pieces),
-                                                      2 * workers)):
+        tasks = ((shards[k][i], *how) for k, i in pieces)
+        for (k, i), (ids, st) in zip(pieces, _in_order(pool, tokenize_piece, tasks, 2 * workers)):
             if i == 0:
                 train, val, _ = (os.path.join(out, n) for n in shard_names(k))
                 writers = {"train": TokenWriter(train, tok["n_vocab"], tok["hash"]),
@@ -434,8 +434,7 @@ def prepare(inputs, tokenizer, out, val_fraction=0.05, min_chars=10, max_chars=2
     workers = max(1, min(workers, sum(len(shards[k]) for k in todo)))
     total_mb = sum(p[3] - p[2] for k in todo for p in shards[k]) / 1e6
     progress = Progress(total_mb, rank, world, workers)
-    tasks = lambda piece: (piece, tokenizer, clean, val_fraction)  # noqa: E731
-    for record in write_shards(out, shards, todo, tok, tasks, workers, progress):
+    for record in write_shards(out, shards, todo, tok, (tokenizer, clean, val_fraction), workers, progress):
         records[record["shard"]] = record
     progress.close()
     gathered = comm.gather(records, root=0) if comm is not None else [records]
@@ -451,7 +450,7 @@ class Progress:
 
     def __init__(self, total_mb, rank, world, workers):
         from tqdm import tqdm
-        self.rank, self.total, self.done, self.docs, self.t0 = rank, total_mb, 0.0, 0, time.time()
+        self.total, self.done, self.docs, self.t0 = total_mb, 0.0, 0, time.time()
         self.next_line = self.t0 + 30
         label = f"rank 0 of {world}, " if world > 1 else ""
         self.bar = tqdm(total=round(total_mb, 1), unit="MB", desc=f"tokenizing ({label}{workers} workers)",

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from data import Batches
 from errors import UserError
 from model import MODEL_FIELDS, PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
-from parallel import GradReducer, ZeroAdamW, clip_grad_norm, init_distributed, run_or_abort
-from plan import PEAK_TFLOPS, plan
+from data_parallel import GradReducer, ZeroAdamW, adamw, clip_grad_norm
+from parallel import init_distributed, run_or_abort
+from plan import PEAK_TFLOPS, lookup, plan
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
 
@@ -159,11 +160,8 @@ def peak_flops(cfg, device):
         return cfg.peak_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS:
-        if key in name:
-            return peaks[cfg.dtype] * 1e12 if cfg.dtype in peaks else None
-    return None
+    peak = (lookup(PEAK_TFLOPS, torch.cuda.get_device_name(device)) or {}).get(cfg.dtype)
+    return peak * 1e12 if peak else None
 
 
 def resolve_dtype(cfg, device):
@@ -304,10 +302,7 @@ def plan_from_args(opts, flags, overrides):
         raise UserError("--gpus, --gpu_mem, --mfu and --tokens take numbers (e.g. --gpu_mem 80 --mfu 0.45).") from None
     if mfu is not None and not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu} is a fraction of the peak, in (0, 1].")
-    tp = overrides.get("tp", 1)
-    if gpus is not None and (gpus < 1 or gpus % tp):
-        raise UserError(f"--gpus {gpus:g} must be a positive multiple of --tp {tp}.")
-    return plan(opts["preset"], overrides, gpus=int(gpus) if gpus else None, gpu=opts["gpu"] or "H100",
+    return plan(opts["preset"], overrides, gpus=int(gpus) if gpus is not None else None, gpu=opts["gpu"] or "H100",
                 gpu_mem=mem, mfu=mfu or 0.45, tokens=tokens or 1e9, as_json=flags["json"])
 
 
@@ -357,10 +352,7 @@ def train(argv):
         opt = reducer = ZeroAdamW(groups, dist, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
         clip_params = opt.shards
     else:
-        try:
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-        except (RuntimeError, TypeError):  # no fused kernel for this device or torch build
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        opt = adamw(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
         reducer, clip_params = GradReducer(params, dist, cfg.bucket_mb), params
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
 
