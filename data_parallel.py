@@ -9,6 +9,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from parallel import sync_sequence_parallel_grads
+
 
 def adamw(groups, **hyper):
     """torch's AdamW with its fused kernel where this device and torch build have one."""
@@ -45,10 +47,11 @@ class GradReducer:
     bucket_mb MB in reverse order (the order backward produces their gradients). During the backward of the last
     micro-batch, a hook counts each bucket's finished gradients and launches its all-reduce asynchronously as soon
     as the bucket is complete, overlapping communication with the rest of the backward; finish() waits for all of
-    them before the optimizer step. Earlier micro-batches only accumulate locally: no communication."""
+    them before the optimizer step. Earlier micro-batches only accumulate locally: no communication.
+    Under sequence parallelism finish() also sums the replicated parameters' gradients over the tp group."""
 
     def __init__(self, params, dist, bucket_mb=25.0):
-        self.dist, self.active, self.pending = dist, False, []
+        self.dist, self.active, self.pending, self.params = dist, False, [], params
         self.buckets, self.bucket_of, size = [[]], {}, 0
         for p in reversed([p for p in params if p.requires_grad]):
             if size and size + p.numel() * 4 > bucket_mb * 2**20:
@@ -80,8 +83,11 @@ class GradReducer:
 
     def finish(self):
         """Wait for every bucket, then write the averaged gradients back into p.grad."""
-        if self.dist.dp == 1:
-            return
+        if self.dist.dp > 1:
+            self._wait_all()
+        sync_sequence_parallel_grads(self.params, self.dist)  # mean over dp, then sum over tp: the order is free
+
+    def _wait_all(self):
         launched = {b for b, _, _ in self.pending}
         for b in range(len(self.buckets)):  # a bucket whose gradients never all arrived (unused parameters)
             if b not in launched:
@@ -157,6 +163,7 @@ class ZeroAdamW:
         pass
 
     def finish(self):  # GradReducer's interface: after the last backward, reduce-scatter instead of all-reduce
+        sync_sequence_parallel_grads([p for f in self.flats for p in f["params"]], self.dist)
         self.reduce_grads()
 
     def step(self):

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, checkpoint, f,
-                      full_normal, vocab_parallel_cross_entropy)
+from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, checkpoint,
+                      column_parallel_matmul, full_normal, vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -54,10 +54,13 @@ class Config:
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
     # --- parallelism (parallel.py, data_parallel.py) ---
     tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
+    sequence_parallel: bool = False  # with tp > 1: LayerNorm/dropout activations split over the tp group along T
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
     # --- memory (plan.py estimates what each costs and saves) ---
     recompute: str = "none"  # activation recomputation: none | selective (core attention) | full (every block)
     zero1: bool = False  # shard the AdamW state over the data-parallel group (ZeRO stage 1)
+    # --- speed ---
+    compile: bool = False  # torch.compile each block (the first steps are slow while it compiles)
 
     def __post_init__(self):
         if self.ffn_hidden == 0:
@@ -81,6 +84,9 @@ class Config:
             raise UserError(f"dtype = {self.dtype!r} is not one of auto, bf16, fp16, fp32.")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout = {self.dropout} must be in [0, 1).")
+        if self.sequence_parallel and self.seq_len % self.tp:
+            raise UserError(f"sequence_parallel splits seq_len = {self.seq_len} over tp = {self.tp} ranks: it must be "
+                            f"divisible.\nHINT: pick --seq_len a multiple of {self.tp}, or --sequence_parallel false.")
         if self.recompute not in ("none", "selective", "full"):
             raise UserError(f"recompute = {self.recompute!r} is not one of none, selective, full.")
 
@@ -140,6 +146,22 @@ def flops_per_token(cfg):
     return 6 * n_matmul + 12 * L * h * cfg.seq_len
 
 
+class Dropout(nn.Dropout):
+    """Dropout on the residual stream. Without sequence parallelism every rank of a tp group holds the same
+    activations and must drop the same entries: the global generator, seeded alike on every rank. Under sequence
+    parallelism each rank holds its own tokens, so masks come from the rank's own generator (dist.rng.fork())."""
+
+    def __init__(self, p, dist, sequence_parallel):
+        super().__init__(p)
+        self.dist, self.sp = dist, sequence_parallel
+
+    def forward(self, x):
+        if not self.sp or not self.training or self.p == 0:
+            return super().forward(x)
+        with self.dist.rng.fork():
+            return super().forward(x)
+
+
 class Attention(nn.Module):
     """Causal self-attention. Under tensor parallelism each rank owns n_head / tp whole heads: the QKV projection is
     column-split (its output columns are grouped per head), the output projection row-split."""
@@ -147,10 +169,10 @@ class Attention(nn.Module):
     def __init__(self, cfg, dist):
         super().__init__()
         self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // cfg.tp, cfg.head_dim, cfg.dropout, dist
-        self.recompute = cfg.recompute == "selective"
-        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist)  # fused Q, K, V of this rank's heads
-        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist)  # output projection, partial sums reduced by g
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.recompute, sp = cfg.recompute == "selective", cfg.sequence_parallel and cfg.tp > 1
+        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist, sp)  # fused Q, K, V of this rank's heads
+        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist, sp)  # output projection, partial sums reduced
+        self.resid_drop = Dropout(cfg.dropout, dist, sp)
 
     def core(self, qkv):
         """softmax(q k^T / sqrt(hd)) v over this rank's heads: [B, T, 3C/tp] -> [B, T, C/tp]. No weights, so
@@ -165,19 +187,20 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, C/tp]
 
     def forward(self, x):
-        qkv = self.qkv(x)  # [B, T, C] -> [B, T, 3C/tp]
+        qkv = self.qkv(x)  # [B, T, C] (sequence parallel: [B, T/tp, C], gathered inside) -> [B, T, 3C/tp]
         y = checkpoint(self.core, self.dist, qkv) if self.recompute and self.training else self.core(qkv)
-        return self.resid_drop(self.proj(y))  # [B, T, C], replicated: its dropout mask is shared by the TP group
+        return self.resid_drop(self.proj(y))  # [B, T, C] replicated (sequence parallel: [B, T/tp, C])
 
 
 class MLP(nn.Module):
     def __init__(self, cfg, dist):
         super().__init__()
-        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist)  # up
-        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist)  # down
-        self.drop = nn.Dropout(cfg.dropout)
+        sp = cfg.sequence_parallel and cfg.tp > 1
+        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist, sp)  # up
+        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist, sp)  # down
+        self.drop = Dropout(cfg.dropout, dist, sp)
 
-    def forward(self, x):  # [B, T, C] -> [B, T, F/tp] -> [B, T, C]
+    def forward(self, x):  # [B, T, C] -> [B, T, F/tp] -> [B, T, C]  (sequence parallel: T/tp outside)
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
@@ -204,12 +227,16 @@ class Yuan(nn.Module):
         self.cfg, self.dist = cfg, dist or Dist()
         if self.dist.tp != cfg.tp:
             raise UserError(f"config tp = {cfg.tp} but the process layout has tp = {self.dist.tp}.")
-        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist)  # also the LM head (tied)
+        self.sp = cfg.sequence_parallel and cfg.tp > 1
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist, self.sp)  # also the LM head (tied)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions (replicated)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, self.dist, self.sp)
         self.blocks = nn.ModuleList(Block(cfg, self.dist) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
         self.init_weights()
+        if self.sp:  # every replicated parameter now sees only this rank's tokens: its gradient is summed over tp
+            for p in self.parameters():  # (parallel.sync_sequence_parallel_grads, called by the gradient reducer)
+                p.sequence_parallel = not getattr(p, "tp_sharded", False)
 
     @torch.no_grad()
     def init_weights(self):
@@ -234,11 +261,15 @@ class Yuan(nn.Module):
         if T > self.cfg.seq_len:
             raise UserError(f"sequence of {T} tokens is longer than seq_len = {self.cfg.seq_len}.")
         pos = torch.arange(T, device=idx.device)
+        if self.sp:  # the residual stream holds this rank's slice of the sequence: [B, T/tp, C] up to the head
+            if T % self.dist.tp:
+                raise UserError(f"sequence parallelism needs sequences divisible by tp = {self.dist.tp}, got {T}.")
+            pos = pos.chunk(self.dist.tp)[self.dist.tp_rank]
         x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
         for block in self.blocks:  # --recompute full keeps only each block's input and reruns it in backward
             x = checkpoint(block, self.dist, x) if self.cfg.recompute == "full" and self.training else block(x)
         x = self.ln_f(x)
-        logits = F.linear(f(x, self.dist), self.wte.weight)  # tied head: [B, T, C] @ [C, V/tp] -> [B, T, V/tp]
+        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp)  # tied head: [B, T, V/tp]
         if targets is None:
             return logits, None
         loss = vocab_parallel_cross_entropy(logits.view(B * T, -1), targets.reshape(-1), self.dist, self.wte.start)

@@ -138,7 +138,56 @@ def run_or_abort(main):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The two conjugate operators of tensor parallelism (Megatron-LM paper, section 3, figure 3).
+# The two conjugate operators of tensor parallelism (Megatron-LM paper, section 3, figure 3), and their
+# sequence-parallel forms (Korthikanti et al. 2022, section 4.2.2). An all-reduce is a reduce-scatter followed by an
+# all-gather: sequence parallelism moves the same bytes, but between the two halves each rank holds only its T/tp
+# tokens, so the LayerNorms and dropouts in between store 1/tp of their activations.
+#
+#                    forward               backward              used where
+#   f                identity              all-reduce            replicated [B, T, C] enters a column-parallel matmul
+#   g                all-reduce            identity              a row-parallel matmul's partial sums leave
+#   f, sequence par. all-gather along T    reduce-scatter        [B, T/tp, C] enters a column-parallel matmul
+#   g, sequence par. reduce-scatter on T   all-gather along T    partial sums [B, T, C] leave as [B, T/tp, C]
+
+
+class Pending:
+    """A collective in flight: wait() blocks until it is done and returns its result."""
+
+    def __init__(self, work, result):
+        self.work, self.result = work, result
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+        return self.result()
+
+
+def all_reduce(x, dist, async_op=False):
+    """Sum of x over the tp group, in place."""
+    work = tdist.all_reduce(x, group=dist.tp_group, async_op=async_op)
+    return Pending(work, lambda: x) if async_op else x
+
+
+def all_gather_seq(x, dist, async_op=False):
+    """[B, T/tp, ...] on each tp rank -> [B, T, ...]: the ranks' slices of the sequence, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.tp)]
+    work = tdist.all_gather(parts, x.contiguous(), group=dist.tp_group, async_op=async_op)
+    pending = Pending(work, lambda: torch.cat(parts, dim=1))
+    return pending if async_op else pending.wait()
+
+
+def reduce_scatter_seq(x, dist, async_op=False):
+    """Partial sums [B, T, ...] on each tp rank -> this rank's slice [B, T/tp, ...] of their sum."""
+    if tdist.get_backend(dist.tp_group) == "nccl":
+        chunks = [c.contiguous() for c in x.chunk(dist.tp, dim=1)]
+        out = torch.empty_like(chunks[0])
+        work = tdist.reduce_scatter(out, chunks, group=dist.tp_group, async_op=async_op)
+        pending = Pending(work, lambda: out)
+    else:  # gloo has no reduce-scatter: all-reduce and keep this rank's slice (same result, twice the traffic)
+        x = x.contiguous().clone()
+        work = tdist.all_reduce(x, group=dist.tp_group, async_op=async_op)
+        pending = Pending(work, lambda: x.chunk(dist.tp, dim=1)[dist.tp_rank].contiguous())
+    return pending if async_op else pending.wait()
 
 
 class CopyToTP(torch.autograd.Function):
@@ -146,15 +195,13 @@ class CopyToTP(torch.autograd.Function):
     rank's shard contributes a partial gradient for the input, and the full gradient is their sum."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, dist):
+        ctx.dist = dist
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        tdist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return all_reduce(grad.contiguous(), ctx.dist), None
 
 
 class ReduceFromTP(torch.autograd.Function):
@@ -162,22 +209,107 @@ class ReduceFromTP(torch.autograd.Function):
     activation; the gradient of a sum with respect to each term is the gradient of the sum itself."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        tdist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x, dist):
+        return all_reduce(x.contiguous().clone(), dist)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-def f(x, dist):
-    return CopyToTP.apply(x, dist.tp_group) if dist.tp > 1 else x
+class GatherFromSequence(torch.autograd.Function):
+    """f under sequence parallelism: forward all-gather along T, backward reduce-scatter. Each rank's slice of the
+    sequence enters the sharded matmuls whole; the input gradient is summed over the ranks' shards (as f's
+    all-reduce does) and each rank keeps its own tokens' part."""
+
+    @staticmethod
+    def forward(ctx, x, dist):
+        ctx.dist = dist
+        return all_gather_seq(x, dist)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_seq(grad, ctx.dist), None
 
 
-def g(x, dist):
-    return ReduceFromTP.apply(x, dist.tp_group) if dist.tp > 1 else x
+class ReduceScatterToSequence(torch.autograd.Function):
+    """g under sequence parallelism: forward reduce-scatter along T, backward all-gather. The partial sums are
+    summed, as g does, but each rank keeps only its T/tp tokens; every token's gradient is needed by every rank's
+    partial product, so backward gathers them."""
+
+    @staticmethod
+    def forward(ctx, x, dist):
+        ctx.dist = dist
+        return reduce_scatter_seq(x, dist)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_seq(grad, ctx.dist), None
+
+
+def f(x, dist, sequence_parallel=False):
+    if dist.tp == 1:
+        return x
+    return GatherFromSequence.apply(x, dist) if sequence_parallel else CopyToTP.apply(x, dist)
+
+
+def g(x, dist, sequence_parallel=False):
+    if dist.tp == 1:
+        return x
+    return ReduceScatterToSequence.apply(x, dist) if sequence_parallel else ReduceFromTP.apply(x, dist)
+
+
+class ColumnParallelMatmul(torch.autograd.Function):
+    """F.linear(f(x), weight, bias) as one autograd function, so that its backward can overlap communication with
+    computation (Megatron-LM's asynchronous tensor-parallel all-reduce): the input gradient is computed first and
+    its all-reduce (reduce-scatter, with sequence parallelism) travels while the weight gradient is computed.
+    Under sequence parallelism only the local slice of x is saved, and gathered again in backward while the input
+    gradient is computed. The same arithmetic as f then F.linear (tests/mpi_tp_layers.py compares them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dist, sequence_parallel):
+        device_type, ctx.dtypes = x.device.type, (x.dtype, weight.dtype)
+        if torch.is_autocast_enabled(device_type):  # what autocast does for F.linear, made explicit: the saved
+            dtype = torch.get_autocast_dtype(device_type)  # tensors are the low-precision copies
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        ctx.dist, ctx.sp, ctx.has_bias = dist, sequence_parallel, bias is not None
+        ctx.save_for_backward(x, weight)  # x: [B, T, C], or [B, T/tp, C] under sequence parallelism
+        full = all_gather_seq(x, dist) if sequence_parallel else x  # [B, T, C]
+        with torch.autocast(device_type, enabled=False):
+            return F.linear(full, weight, bias)  # [B, T, out/tp]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [B, T, out/tp]
+        x, weight = ctx.saved_tensors
+        gather = all_gather_seq(x, ctx.dist, async_op=True) if ctx.sp else None
+        grad_x = grad @ weight  # [B, T, C]: this rank's partial input gradient
+        full = gather.wait() if ctx.sp else x
+        reduce = (reduce_scatter_seq if ctx.sp else all_reduce)(grad_x.contiguous(), ctx.dist, async_op=True)
+        # While the input gradient is summed over the tp group, the weight gradient is computed.
+        grad_w = grad.reshape(-1, grad.size(-1)).t() @ full.reshape(-1, full.size(-1))  # [out/tp, C]
+        grad_b = grad.reshape(-1, grad.size(-1)).sum(0) if ctx.has_bias else None
+        x_dtype, w_dtype = ctx.dtypes  # gradients in the dtype of what came in, as autocast's cast would give
+        grad_b = grad_b.to(w_dtype) if grad_b is not None else None
+        return reduce.wait().to(x_dtype), grad_w.to(w_dtype), grad_b, None, None
+
+
+def column_parallel_matmul(x, weight, bias, dist, sequence_parallel=False):
+    """[B, T, C] replicated (or [B, T/tp, C] under sequence parallelism) -> [B, T, out/tp]."""
+    if dist.tp == 1:
+        return F.linear(x, weight, bias)
+    return ColumnParallelMatmul.apply(x, weight, bias, dist, sequence_parallel)
+
+
+def sync_sequence_parallel_grads(params, dist):
+    """Under sequence parallelism the replicated parameters (LayerNorms, row-parallel biases, positions) see only
+    this rank's T/tp tokens: their gradient is the sum over the tp group. Called after the last backward."""
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if dist.tp == 1 or not grads:
+        return
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), dist)
+    for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(chunk.view_as(grad))
 
 
 def shard(full, dist, dim):
@@ -202,13 +334,14 @@ def _sharded(shape, dim, dist):
 
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: A = [A_1 ... A_tp]; rank r computes Y_r = f(X) A_r + b_r.
-    Input [B, T, C] replicated -> output [B, T, out/tp], sharded (fed to a RowParallelLinear, never gathered)."""
+    Input [B, T, C] replicated (sequence parallel: [B, T/tp, C]) -> output [B, T, out/tp], sharded (fed to a
+    RowParallelLinear, never gathered). f and the matmul run as one function: see ColumnParallelMatmul."""
 
-    def __init__(self, in_features, out_features, dist):
+    def __init__(self, in_features, out_features, dist, sequence_parallel=False):
         super().__init__()
         if out_features % dist.tp:
             raise UserError(f"output size {out_features} is not divisible by tensor-parallel size {dist.tp}.")
-        self.dist = dist
+        self.dist, self.sp = dist, sequence_parallel
         self.weight = _sharded((out_features, in_features), 0, dist)  # torch's [out, in] layout: split rows
         self.bias = _sharded((out_features,), 0, dist)
 
@@ -220,18 +353,19 @@ class ColumnParallelLinear(nn.Module):
             self.bias.zero_()
 
     def forward(self, x):
-        return F.linear(f(x, self.dist), self.weight, self.bias)  # [B, T, C] -> [B, T, out/tp]
+        return column_parallel_matmul(x, self.weight, self.bias, self.dist, self.sp)  # -> [B, T, out/tp]
 
 
 class RowParallelLinear(nn.Module):
     """Y = X A + b with A split by rows (X by columns): rank r computes X_r A_r, then g sums the partial products.
-    Input [B, T, in/tp] sharded -> output [B, T, out] replicated. The bias is added once, after the sum."""
+    Input [B, T, in/tp] sharded -> output [B, T, out] replicated (sequence parallel: [B, T/tp, out], this rank's
+    tokens). The bias is added once, after the sum."""
 
-    def __init__(self, in_features, out_features, dist):
+    def __init__(self, in_features, out_features, dist, sequence_parallel=False):
         super().__init__()
         if in_features % dist.tp:
             raise UserError(f"input size {in_features} is not divisible by tensor-parallel size {dist.tp}.")
-        self.dist = dist
+        self.dist, self.sp = dist, sequence_parallel
         self.weight = _sharded((out_features, in_features), 1, dist)  # [out, in/tp]
         self.bias = nn.Parameter(torch.empty(out_features))  # replicated
 
@@ -243,19 +377,20 @@ class RowParallelLinear(nn.Module):
             self.bias.zero_()
 
     def forward(self, x):
-        return g(F.linear(x, self.weight), self.dist) + self.bias  # [B, T, in/tp] -> [B, T, out]
+        return g(F.linear(x, self.weight), self.dist, self.sp) + self.bias  # [B, T, in/tp] -> [B, T(/tp), out]
 
 
 class VocabParallelEmbedding(nn.Module):
     """The embedding table split by vocabulary rows: rank r holds rows [r V/tp, (r+1) V/tp). Each rank looks up
-    the ids it owns, writes zeros for the others, and g sums the partial results. Input [B, T] -> [B, T, C]."""
+    the ids it owns, writes zeros for the others, and g sums the partial results. Input [B, T] -> [B, T, C]
+    (sequence parallel: [B, T/tp, C], this rank's tokens)."""
 
-    def __init__(self, vocab_size, dim, dist):
+    def __init__(self, vocab_size, dim, dist, sequence_parallel=False):
         super().__init__()
         if vocab_size % dist.tp:
             raise UserError(f"vocabulary {vocab_size} is not divisible by tensor-parallel size {dist.tp}.\n"
                             f"HINT: pass --vocab_size with a multiple of {128 * dist.tp} at least the tokenizer's.")
-        self.dist, self.per_rank = dist, vocab_size // dist.tp
+        self.dist, self.sp, self.per_rank = dist, sequence_parallel, vocab_size // dist.tp
         self.start = dist.tp_rank * self.per_rank
         self.weight = _sharded((vocab_size, dim), 0, dist)
 
@@ -271,18 +406,17 @@ class VocabParallelEmbedding(nn.Module):
         local = idx - self.start
         outside = (local < 0) | (local >= self.per_rank)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, T, C]
-        return g(x.masked_fill(outside.unsqueeze(-1), 0.0), self.dist)
+        return g(x.masked_fill(outside.unsqueeze(-1), 0.0), self.dist, self.sp)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, start, group):
         """logits [N, V/tp] (this rank's vocabulary slice), targets [N] global ids -> loss [N]."""
-        logits = logits.float()
         # why: softmax needs the max over the whole vocabulary for a stable exp; each rank only has its slice.
-        max_logit = logits.max(dim=-1).values
+        max_logit = logits.max(dim=-1).values.float()
         tdist.all_reduce(max_logit, op=tdist.ReduceOp.MAX, group=group)
-        logits = logits - max_logit.unsqueeze(-1)
+        logits = logits.float() - max_logit.unsqueeze(-1)  # a new [N, V/tp] tensor: the ops below work in place
         # why: the target's logit lives on exactly one rank; the others contribute 0 to the sum.
         local = targets - start
         mine = (local >= 0) & (local < logits.size(-1))
@@ -290,10 +424,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = logits[rows, local.clamp(0, logits.size(-1) - 1)] * mine
         tdist.all_reduce(target_logit, group=group)
         # why: the softmax denominator sums exp over all V entries = the sum of every rank's partial sum.
-        exp = logits.exp()
+        exp = logits.exp_()
         sum_exp = exp.sum(dim=-1)
         tdist.all_reduce(sum_exp, group=group)
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine)
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, mine)  # the softmax, in exp's storage
         return sum_exp.log() - target_logit
 
     @staticmethod
@@ -302,7 +436,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = torch.arange(softmax.size(0), device=softmax.device)
         g_logits = softmax.clone()
         g_logits[rows, local.clamp(0, softmax.size(-1) - 1)] -= mine.float()
-        return g_logits * grad.unsqueeze(-1), None, None, None
+        return g_logits.mul_(grad.unsqueeze(-1)), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits, targets, dist, start):

@@ -19,8 +19,12 @@ residual stream and LayerNorm inputs, s = 2 (bf16/fp16) or 4 (fp32) for the rest
                recompute attention to avoid those scores, which SDPA already does).
     full       n r h per layer (the block input), plus the larger of the loss's peak and one layer's `none`
                activations while it is recomputed, with its largest gradients n (2s f/tp + 2r h)
-The loss keeps fp32 log-probabilities [n, V/tp], and the start of backward holds two gradients of that size.
-Measured against these formulas on CPU in fp32 (tests/test_plan.py): within 3% for none, selective and full. The
+With --sequence_parallel every term outside the matmuls (the r h and 2s h terms, dropout masks, the block input of
+full recomputation, the final LayerNorm) is divided by tp too: each rank keeps only its T/tp tokens there.
+The loss keeps fp32 log-probabilities [n, V/tp], and the start of backward holds two gradients of that size
+(at tp > 1 the vocab-parallel loss works in place: its softmax and one gradient).
+Measured against these formulas on CPU in fp32 (tests/test_plan.py): within 3% for none, selective and full; at
+tp = 2 with and without sequence parallelism under mpiexec (tests/mpi_plan.py), within 10%. The
 plan assumes flash attention (GPU); CPU attention with dropout stores T x T probabilities the plan leaves out.
 """
 import json
@@ -59,16 +63,19 @@ def activation_bytes(cfg, micro_batch, tp, dtype, recompute):
     """(bytes saved for backward per layer as stored, bytes of the whole model's activations) on one rank."""
     n, h, f, a = micro_batch * cfg.seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
     r, s = 4, (4 if dtype == "fp32" else 2)
-    layer = n * (2 * r * h + 2 * s * h + 5 * s * h // tp + 2 * s * f // tp) + 4 * n * a // tp
+    q = tp if cfg.sequence_parallel else 1  # outside the matmuls: every token (q = 1) or T/tp of them (q = tp)
+    layer = n * ((2 * r * h + 2 * s * h) // q + 5 * s * h // tp + 2 * s * f // tp) + 4 * n * a // tp
     if cfg.dropout > 0:
-        layer += 2 * n * h
+        layer += 2 * n * h // q
     if recompute == "selective":
         layer -= n * s * h // tp + 4 * n * a // tp
-    head = n * (r * h + s * h)  # final LayerNorm input and its cast for the tied head
-    loss = 3 * 4 * n * cfg.vocab_size // tp  # log-probabilities, and two gradients of their size in backward
+    head = n * (r * h + s * h) // q  # final LayerNorm input and its cast for the tied head
+    # tp = 1, F.cross_entropy: log-probabilities and two gradients of their size in backward; tp > 1, the vocab-
+    # parallel one (parallel.py): its softmax, computed in place, and one gradient (measured by tests/mpi_plan.py)
+    loss = (3 if tp == 1 else 2) * 4 * n * cfg.vocab_size // tp
     if recompute == "full":  # the peak: the loss's backward, or later one layer's recomputation and its backward
-        stored = n * r * h   # (whose largest gradients, of the two f-wide tensors and the residual, coexist)
-        return stored, cfg.n_layer * stored + max(head + loss, layer + 2 * n * s * f // tp + 2 * n * r * h)
+        stored = n * r * h // q  # (whose largest gradients, of the two f-wide tensors and the residual, coexist)
+        return stored, cfg.n_layer * stored + max(head + loss, layer + 2 * n * s * f // tp + 2 * n * r * h // q)
     return layer, cfg.n_layer * layer + head + loss
 
 
@@ -101,7 +108,8 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, token
     total_gb = e["total_bytes"] / 1e9
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak else None
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
-                  seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1, **e,
+                  seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
+                  sequence_parallel=cfg.sequence_parallel and tp > 1, **e,
                   gpu_mem_gb=mem_gb, fits=None if mem_gb is None else total_gb + SLACK_GB <= mem_gb,
                   peak_tflops=peak, mfu=mfu, tokens_per_s=tok_s, tokens=tokens,
                   hours=tokens / tok_s / 3600 if tok_s else None)
@@ -111,7 +119,8 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, token
     b = e["bytes"]
     gb = lambda x: f"{x / 1e9:8.2f} GB"  # noqa: E731
     print(f"{preset} on {gpus} x {gpu}: tp {tp} x dp {dp}, {dtype}, micro-batch {cfg.micro_batch} x {cfg.seq_len}, "
-          f"recompute {cfg.recompute}, ZeRO-1 {'on' if cfg.zero1 else 'off'}\nper GPU")
+          f"recompute {cfg.recompute}, ZeRO-1 {'on' if cfg.zero1 else 'off'}, sequence parallel "
+          f"{'on' if cfg.sequence_parallel and tp > 1 else 'off'}\nper GPU")
     print(f"  parameters     {e['params_per_rank']:>14,}")
     print(f"  weights        {gb(b['weights'])}   fp32 master copy")
     print(f"  gradients      {gb(b['gradients'])}   fp32")

@@ -174,6 +174,52 @@ def resolve_dtype(cfg, device):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The model, its optimizer and one training step (also what bench/throughput.py times)
+
+
+def build(cfg, dist):
+    """(model, optimizer, gradient reducer, parameters to clip). AdamW decays matrices and embeddings, not biases or
+    LayerNorm gains. With --zero1 one object is both optimizer and reducer: its moments are sharded over dp and
+    gradients are reduce-scattered after the last backward (data_parallel.py)."""
+    torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
+    dist.rng.seed(cfg.seed)
+    model = Yuan(cfg, dist).to(dist.device)
+    if cfg.compile:  # each block compiled in place: parameter names, and so checkpoints, do not change
+        for block in model.blocks:
+            block.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.zero1:
+        opt = ZeroAdamW(groups, dist, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        return model, opt, opt, opt.shards
+    opt = adamw(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return model, opt, GradReducer(params, dist, cfg.bucket_mb), params
+
+
+def train_step(model, opt, reducer, scaler, clip_params, grad_accum, autocast, cfg, dist, batch):
+    """One optimizer step: forward and backward of the micro-batches batch(0), ..., batch(grad_accum - 1), gradient
+    reduction (overlapped with the last backward), unscale and clip, AdamW. Returns (this rank's mean loss as a
+    0-d tensor, the global gradient norm, whether the step was taken)."""
+    loss_sum = torch.zeros((), device=dist.device)
+    for micro in range(grad_accum):
+        x, y = batch(micro)
+        with autocast:
+            loss = model(x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True))[1]  # no logits
+        loss_sum += loss.detach()
+        if micro == grad_accum - 1:
+            reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete
+        (loss * (scaler.scale / grad_accum)).backward()
+    reducer.finish()
+    grad_norm, finite = scaler.unscale_and_clip(clip_params, cfg.grad_clip, dist)
+    if finite:
+        opt.step()
+    scaler.update(finite)
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / grad_accum, grad_norm, finite
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Output directory: checkpoints and metrics
 
 
@@ -341,19 +387,7 @@ def train(argv):
             if os.path.exists(src) and not os.path.exists(os.path.join(out, "tokenizer" + suffix)):
                 shutil.copyfile(src, os.path.join(out, "tokenizer" + suffix))
 
-    # Model and optimizer. AdamW decays matrices and embeddings, not biases or LayerNorm gains.
-    torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
-    dist.rng.seed(cfg.seed)
-    model = Yuan(cfg, dist).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if cfg.zero1:  # moments sharded over dp; gradients reduce-scattered after the last backward (parallel.py)
-        opt = reducer = ZeroAdamW(groups, dist, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        clip_params = opt.shards
-    else:
-        opt = adamw(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        reducer, clip_params = GradReducer(params, dist, cfg.bucket_mb), params
+    model, opt, reducer, clip_params = build(cfg, dist)
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
 
     step = 0
@@ -405,24 +439,11 @@ def train(argv):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = data.train_batch(step, micro)
-            with autocast:
-                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))[1]  # logits not kept
-            loss_sum += loss.detach()
-            if micro == grad_accum - 1:
-                reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete
-            (loss * (scaler.scale / grad_accum)).backward()
-        reducer.finish()
-        grad_norm, finite = scaler.unscale_and_clip(clip_params, cfg.grad_clip, dist)
-        if finite:
-            opt.step()
-        scaler.update(finite)
-        opt.zero_grad(set_to_none=True)
+        loss, grad_norm, finite = train_step(model, opt, reducer, scaler, clip_params, grad_accum, autocast, cfg,
+                                             dist, lambda micro: data.train_batch(step, micro))
         if dist.dp > 1:  # for the log: the mean loss over the whole global batch
-            torch.distributed.all_reduce(loss_sum, group=dist.dp_group)
-        loss = loss_sum.item() / grad_accum / dist.dp  # .item() waits for the device, so the time below is honest
+            torch.distributed.all_reduce(loss, group=dist.dp_group)
+        loss = loss.item() / dist.dp  # .item() waits for the device, so the time below is honest
         dt = time.perf_counter() - t0
         tok_s = cfg.batch_tokens / dt
         mfu = flops * tok_s / (peak * dist.world) if peak else None

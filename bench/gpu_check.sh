@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, sized for a single H100/H200 and about 8 minutes (see DEVELOPERS guide):
-#   1. the test suite with the CUDA tests (tests/test_cuda.py runs only where torch sees a GPU), on 8 pytest-xdist
-#      workers where xdist is installed,
-#   2. training throughput and MFU of `small` and `1.3b` in bf16 on the real loop (train.py),
-#   3. the data benchmark (bench/data_bench.py) on all of the machine's cores,
-# writing device.txt, tests.txt, throughput.txt and data_bench.txt to $OUT (default out/gpu_check). Uses the
-# machine's own python3 and torch; with no MPI library there, everything runs as a single process.
+# The one prepared GPU check, sized for a single H100/H200 and about 7 minutes (see the developers' guide):
+#   1. the tests that matter on a GPU (tests/test_cuda.py runs only where torch sees one, then model and plan),
+#   2. bench/throughput.py: `small` and `1.3b` in bf16, eager and --compile; yuan-4.7b at tp 1 with full
+#      recomputation where the card holds it (H200: 141 GB); plan.py's memory estimate beside each measured peak,
+#   3. bench/vs_plain.py on the GPU (nanoyuan's step against plain PyTorch, `small`),
+#   4. the data benchmark (bench/data_bench.py) on all of the machine's cores,
+# writing device.txt, tests.txt, throughput.txt (+ throughput.jsonl), vs_plain.txt and data_bench.txt to $OUT
+# (default out/gpu_check). Uses the machine's own python3 and torch; with no MPI library everything is one process.
 #   device tool:  bash bench/gpu_check.sh        (then copy the figures into bench/RESULTS.md with the card)
 set -u
 cd "$(dirname "$0")/.."
@@ -13,38 +14,26 @@ OUT=${OUT:-out/gpu_check}
 PY=${PY:-python3}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
+: > "$OUT/throughput.txt"
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
 
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 180 $PY -m pytest -q $XDIST -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/tests.txt"
+timeout 100 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_model.py tests/test_plan.py 2>&1 |
+  tail -15 | tee "$OUT/tests.txt"
 
-$PY data.py train-tokenizer --input data/sanguo.txt --vocab-size 4096 --out "$WORK/tok.tiktoken" > /dev/null &&
-$PY data.py prepare --input data/sanguo.txt --tokenizer "$WORK/tok.tiktoken" --out "$WORK/data" > /dev/null
-
-run() {  # NAME SECONDS ARGS...: train for a few steps; metrics.jsonl keeps whatever finished before the timeout
-  local name=$1 limit=$2; shift 2
-  timeout "$limit" $PY train.py --data "$WORK/data" --out "$WORK/$name" --dtype bf16 --eval_interval 100000 \
-    --eval_batches 1 --ckpt_interval 100000 "$@" > "$WORK/$name.log" 2>&1
-  tail -4 "$WORK/$name.log" > "$OUT/train_$name.log"
-  $PY - "$WORK/$name/metrics.jsonl" "$name $*" <<'PYEOF' | tee -a "$OUT/throughput.txt"
-import json, statistics, sys
-try:
-    rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l][3:]  # the first steps warm up
-except OSError:
-    rows = []
-if not rows:
-    print(f"{sys.argv[2]}: no timed steps (see the run's log)")
-else:
-    tok = statistics.median(r["tokens_per_s"] for r in rows)
-    mfu = statistics.median(r["mfu"] for r in rows) if rows[0]["mfu"] is not None else float("nan")
-    print(f"{sys.argv[2]}: {len(rows)} steps, {tok:,.0f} tokens/s, MFU {mfu:.1%}, last loss {rows[-1]['loss']:.3f}")
-PYEOF
+bench() {  # SECONDS ARGS...: one throughput grid; the table goes to throughput.txt as it is printed
+  timeout "$1" $PY bench/throughput.py --json "$OUT/throughput.jsonl" "${@:2}" 2>&1 | tee -a "$OUT/throughput.txt"
 }
-: > "$OUT/throughput.txt"
-run small 75 --preset small --vocab_size 50304 --micro_batch 16 --batch_tokens 16384 --max_steps 25
-run 1.3b 120 --preset 1.3b --vocab_size 53248 --micro_batch 4 --batch_tokens 8192 --max_steps 15
-timeout 120 $PY bench/data_bench.py --mb 1000 --piece-mb 8 --workdir "$WORK/bench" 2>&1 | tail -12 |
+bench 70 --preset small --dtype bf16 --micro_batch 16 --compile false,true --steps 10 --warmup 3
+bench 90 --preset 1.3b --dtype bf16 --micro_batch 4 --compile false,true --steps 6 --warmup 3
+bench 60 --preset 1.3b --dtype bf16 --micro_batch 8 --recompute selective,full --steps 4 --warmup 2
+MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ "${MEM:-0}" -gt 120000 ]; then  # yuan-4.7b at tp 1: ~95 GB by plan.py, so only on a 141 GB card
+  bench 120 --preset yuan-4.7b --dtype bf16 --recompute full --micro_batch 4,8 --steps 3 --warmup 2
+fi
+
+timeout 40 $PY bench/vs_plain.py --preset small --seq_len 1024 --micro_batch 8 --steps 10 2>&1 | tee "$OUT/vs_plain.txt"
+timeout 60 $PY bench/data_bench.py --mb 400 --piece-mb 8 --workdir "$WORK/bench" 2>&1 | tail -12 |
   tee "$OUT/data_bench.txt"
 rm -rf "$WORK"

@@ -1,5 +1,6 @@
 """Run under mpiexec by tests/test_parallel.py: each tensor-parallel layer against the unsharded computation,
-forward and every gradient, with co-prime sizes (13, 17, 7 x tp) so a transposed or mis-sliced shard fails."""
+forward and every gradient, with co-prime sizes (13, 17, 7 x tp) so a transposed or mis-sliced shard fails; the
+same with sequence parallelism; the whole model with and without sequence parallelism."""
 import os
 import sys
 
@@ -10,12 +11,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from model import Config, Yuan  # noqa: E402
 
-from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, full_normal,  # noqa: E402
-                      init_distributed, run_or_abort, vocab_parallel_cross_entropy)
+from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, f, full_normal,  # noqa: E402
+                      init_distributed, run_or_abort, sync_sequence_parallel_grads, vocab_parallel_cross_entropy)
 
 
-def close(name, a, b):
-    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+def close(name, a, b, rtol=1e-5, atol=1e-6):
+    if not torch.allclose(a, b, rtol=rtol, atol=atol):
         raise AssertionError(f"{name}: max difference {(a - b).abs().max().item():.3g}")
 
 
@@ -75,6 +76,54 @@ def main():
     (y * w_out).sum().backward()
     close("embedding grad", emb.weight.grad, mine(full.grad, 0))
 
+    # Sequence parallelism: the same layers, with activations outside the matmuls split along T = 5 tp.
+    x = torch.randn(2, 5 * tp, 13, requires_grad=True)
+    w_out = torch.randn(2, 5 * tp, 7 * tp)
+    full = full_normal((7 * tp, 13), 0.02, seed=1).requires_grad_()
+    (F.linear(x, full) * w_out).sum().backward()
+    col = ColumnParallelLinear(13, 7 * tp, dist, sequence_parallel=True)
+    col.reset_parameters(0.02, seed=1)
+    xs = mine(x.detach(), 1).clone().requires_grad_()  # [2, 5, 13]: this rank's tokens
+    y = col(xs)  # [2, 5 tp, 7]: every token, this rank's columns
+    close("sequence-parallel column forward (all-gather along T)", y, mine(F.linear(x, full), 2))
+    (y * mine(w_out, 2)).sum().backward()
+    close("sequence-parallel column grad x (reduce-scatter)", xs.grad, mine(x.grad, 1))
+    close("sequence-parallel column grad weight", col.weight.grad, mine(full.grad, 0))
+
+    x = torch.randn(2, 5 * tp, 7 * tp, requires_grad=True)
+    w_out = torch.randn(2, 5 * tp, 17)
+    full = full_normal((17, 7 * tp), 0.02, seed=2).requires_grad_()
+    bias = torch.zeros(17, requires_grad=True)
+    (F.linear(x, full, bias) * w_out).sum().backward()
+    row = RowParallelLinear(7 * tp, 17, dist, sequence_parallel=True)
+    row.reset_parameters(0.02, seed=2)
+    row.bias.sequence_parallel = True
+    xs = mine(x.detach(), 2).clone().requires_grad_()
+    y = row(xs)  # [2, 5, 17]: this rank's tokens, summed over the ranks' partial products
+    close("sequence-parallel row forward (reduce-scatter along T)", y, mine(F.linear(x, full), 1))
+    (y * mine(w_out, 1)).sum().backward()
+    close("sequence-parallel row grad x (all-gather)", xs.grad, mine(x.grad, 2))
+    close("sequence-parallel row grad weight", row.weight.grad, mine(full.grad, 1))
+    sync_sequence_parallel_grads([row.bias], dist)
+    close("sequence-parallel row grad bias, summed over tp", row.bias.grad, bias.grad)
+
+    # The fused column matmul under bf16 autocast against the textbook f then F.linear.
+    x = torch.randn(2, 5 * tp, 13, requires_grad=True)
+    w_out = torch.randn(2, 5 * tp, 7)
+    col = ColumnParallelLinear(13, 7 * tp, dist)
+    col.reset_parameters(0.02, seed=1)
+    w_ref, b_ref = (t.detach().clone().requires_grad_() for t in (col.weight, col.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = col(x), F.linear(f(x, dist), w_ref, b_ref)
+    (y.float() * w_out).sum().backward()
+    x_grad, x.grad = x.grad, None
+    (y_ref.float() * w_out).sum().backward()
+    assert y.dtype == torch.bfloat16 and col.weight.grad.dtype == x_grad.dtype == torch.float32
+    close("fused column matmul, bf16 forward", y.float(), y_ref.float())
+    close("fused column matmul, bf16 grad x", x_grad, x.grad, rtol=1e-2, atol=1e-3)
+    close("fused column matmul, bf16 grad weight", col.weight.grad, w_ref.grad, rtol=1e-2, atol=1e-3)
+    close("fused column matmul, bf16 grad bias", col.bias.grad, b_ref.grad, rtol=1e-2, atol=1e-3)
+
     # Vocab-parallel cross-entropy: 13 rows, vocabulary 17 tp, against F.cross_entropy on the full logits.
     logits = (torch.randn(13, 17 * tp) * 3).requires_grad_()
     targets = torch.randint(0, 17 * tp, (13,))
@@ -97,6 +146,21 @@ def main():
     tdist.all_gather(copies, seen["x"].contiguous(), group=dist.tp_group)
     for c in copies:
         close("replicated activations after dropout", c, seen["x"])
+
+    # The whole model, with and without sequence parallelism: the same loss and, once the replicated parameters'
+    # gradients are summed over tp, the same gradients.
+    ids = torch.randint(0, 512, (2, 4 * tp))
+    grads = []
+    for sp in (False, True):
+        model = Yuan(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=4 * tp, tp=tp,
+                            sequence_parallel=sp), dist)
+        loss = model(ids, ids)[1]
+        loss.backward()
+        sync_sequence_parallel_grads(list(model.parameters()), dist)
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    close("sequence-parallel model loss", grads[1][0], grads[0][0])
+    for name, grad in grads[0][1].items():
+        close(f"sequence-parallel model grad {name}", grads[1][1][name], grad)
     report(dist, f"rank {dist.rank} (tp_rank {r}, dp_rank {dist.dp_rank}): all tensor-parallel layers match")
 
 

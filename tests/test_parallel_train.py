@@ -37,10 +37,15 @@ def reference(prepared, tmp_path_factory):
     return losses(out)
 
 
+SP = ["--sequence_parallel", "true"]
+
+
 @pytest.mark.parametrize("n, tp, extra", [(2, 2, []), (2, 1, []), (4, 2, []), (2, 2, ["--recompute", "full"]),
                                           (1, 1, ["--zero1", "true"]), (2, 1, ["--zero1", "true"]),
-                                          (4, 2, ["--zero1", "true"])],
-                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full", "zero1", "dp2-zero1", "tp2xdp2-zero1"])
+                                          (4, 2, ["--zero1", "true"]), (4, 2, SP),
+                                          (4, 2, [*SP, "--zero1", "true", "--recompute", "full"])],
+                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full", "zero1", "dp2-zero1", "tp2xdp2-zero1",
+                              "tp2xdp2-sp", "tp2xdp2-sp-zero1-recompute-full"])
 def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra):
     mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp, *extra)
     train, val, norms = losses(tmp_path / "run")
@@ -98,13 +103,17 @@ def test_a_failing_rank_ends_the_job_promptly():
 
 def test_tp2_recompute_replays_dropout(prepared, tmp_path):
     """With dropout, recomputation must draw the forward's masks again, also from the per-rank generator of the
-    sharded heads: full and selective recomputation at tp = 2 give the losses of no recomputation."""
+    sharded heads: full and selective recomputation at tp = 2 give the losses of no recomputation. Likewise under
+    sequence parallelism, where the residual stream's dropout also draws from the per-rank generator."""
     common = [*SMALL, "--data", prepared, "--max_steps", 3, "--tp", 2, "--dropout", 0.1]
-    results = []
-    for recompute in ("none", "selective", "full"):
-        mpi_train(2, *common, "--out", tmp_path / recompute, "--recompute", recompute)
-        results.append(losses(tmp_path / recompute))
-    assert results[1] == results[0] and results[2] == results[0]
+    results = {}
+    for recompute, extra in (("none", []), ("selective", []), ("full", []), ("none", SP), ("full", SP)):
+        out = tmp_path / (recompute + "-sp" * bool(extra))
+        mpi_train(2, *common, *extra, "--out", out, "--recompute", recompute)
+        results[out.name] = losses(out)
+    assert results["selective"] == results["none"] and results["full"] == results["none"]
+    assert results["full-sp"] == results["none-sp"]
+    assert results["none-sp"][0] != results["none"][0]  # the masks differ: the per-rank generator is in use
 
 
 def test_zero1_resume_is_exact_and_checkpoints_are_plain(prepared, tmp_path):

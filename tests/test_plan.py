@@ -1,15 +1,19 @@
 """plan.py against the real model: parameter counts per rank on the meta device, and memory estimates against the
 bytes actually alive during training steps on CPU (tests/memtrack.py)."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run
-from memtrack import LiveBytes
+from conftest import ROOT, run
+from memtrack import measured_peak
 from model import Yuan, count_params, make_config
 from parallel import Dist
 from plan import estimate, params_per_rank
+from test_parallel import MPIEXEC, needs_mpiexec
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
@@ -21,25 +25,6 @@ def test_yuan_params_per_rank(tp):
     assert sum(p.numel() for p in model.parameters()) == n_rank
     sharded = sum(p.numel() for p in model.parameters() if getattr(p, "tp_sharded", False))
     assert tp * sharded + (n_rank - sharded) == count_params(cfg) == 4_701_321_216
-
-
-def measured_peak(cfg, autocast_dtype=None, steps=2, accum=2):
-    """Peak bytes alive during the last of `steps` optimizer steps of `accum` micro-batches each, counting the model,
-    AdamW and everything autograd keeps (the loop of train.py: forward, backward, step, zero_grad)."""
-    torch.manual_seed(0)
-    with LiveBytes() as mem:
-        model = Yuan(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for _ in range(steps):
-            mem.peak = mem.live
-            for _ in range(accum):
-                x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len))
-                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                    loss = model(x, x)[1]
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return mem.peak
 
 
 @pytest.mark.parametrize("dtype, extra", [("fp32", {}), ("fp32", dict(recompute="selective")),
@@ -60,6 +45,16 @@ def test_recompute_saves_what_the_plan_says():
     saved = measured_peak(none) - measured_peak(full)
     predicted = estimate(none, dtype="fp32")["total_bytes"] - estimate(full, dtype="fp32")["total_bytes"]
     assert saved > 0.3 * measured_peak(none) and abs(saved - predicted) / saved < 0.10
+
+
+@needs_mpiexec
+def test_estimate_at_tp2_with_and_without_sequence_parallelism():
+    """tests/mpi_plan.py: at tp = 2 on 2 ranks, estimate within 10% of the measured peak, with and without sequence
+    parallelism, and the saving of sequence parallelism within 10% of the predicted one."""
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "mpi_plan.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("sequence parallelism saves") == 2
 
 
 def test_plan_cli_and_the_issue_goals():
