@@ -9,7 +9,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
-from parallel import sync_sequence_parallel_grads
+from parallel import Pending, all_reduce, sync_sequence_parallel_grads
 
 
 def adamw(groups, **hyper):
@@ -106,75 +106,116 @@ class GradReducer:
 class ZeroAdamW:
     """ZeRO stage 1 (Rajbhandari et al. 2020) by hand: AdamW whose moments are sharded over the data-parallel group.
 
-    The parameters are packed into flat fp32 buffers (one per weight-decay setting and tensor-parallel kind, padded
-    to a multiple of dp) and become views of them. Each step:
-        reduce_grads(): flat gradient -> reduce-scatter over dp -> this rank's 1/dp slice, averaged
-        (clip_grad_norm on the slices: their squares summed over dp)
-        step():         AdamW on this rank's slice only (1/dp of the moments live here)
-                        -> all-gather the updated slices: every rank has every parameter again
+    The parameters are packed into flat fp32 buckets of about bucket_mb MB, in reverse order (backward's), each of
+    one weight-decay setting and tensor-parallel kind and padded to a multiple of dp; they become views of them.
+    Each step:
+        during the last backward: as soon as a bucket's gradients are all final (a hook counts them, as in
+                   GradReducer), its flat gradient is reduce-scattered over dp, asynchronously: this rank receives
+                   its 1/dp slice, averaged, while backward goes on
+        finish():  wait for every bucket (clip_grad_norm then works on the slices: their squares summed over dp)
+        step():    AdamW on this rank's slices only (1/dp of the moments live here)
+                   -> all-gather the updated slices: every rank has every parameter again
     It replaces GradReducer's all-reduce: a reduce-scatter plus an all-gather move the same bytes. The state_dict is
     the plain torch.optim.AdamW one (moments gathered to full size), so checkpoints do not depend on --zero1."""
 
-    def __init__(self, groups, dist, **hyper):
+    def __init__(self, groups, dist, bucket_mb=25.0, **hyper):
         self.dist, self.groups, self.flats, shard_groups = dist, groups, [], []
-        D, d = dist.dp, dist.dp_rank
+        self.active, self.pending, self.bucket_of = False, {}, {}
         for gi, group in enumerate(groups):
             for tp_kind in (True, False):
-                params = [p for p in group["params"] if getattr(p, "tp_sharded", False) == tp_kind]
-                if not params:
-                    continue
-                n = sum(p.numel() for p in params)
-                flat = torch.zeros(-(-n // D) * D, device=params[0].device)  # padded: dp equal slices
-                offsets, o = [], 0
-                for p in params:
-                    flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
-                    p.data = flat[o:o + p.numel()].view_as(p)  # the parameter now lives in the flat buffer
-                    offsets.append(o)
-                    o += p.numel()
-                size = flat.numel() // D
-                shard = nn.Parameter(flat[d * size:(d + 1) * size])  # a view: updating it updates the buffer
-                shard.tp_sharded, shard.dp_sharded = tp_kind, True
-                self.flats.append(dict(group=gi, params=params, offsets=offsets, flat=flat, shard=shard))
-                shard_groups.append({"params": [shard], "weight_decay": group["weight_decay"]})
+                buckets, size = [], 0
+                for p in reversed([p for p in group["params"] if getattr(p, "tp_sharded", False) == tp_kind]):
+                    if not buckets or size + p.numel() * 4 > bucket_mb * 2**20:
+                        buckets.append([])
+                        size = 0
+                    buckets[-1].append(p)
+                    size += p.numel() * 4
+                for params in buckets:
+                    self.flats.append(self._pack(params, gi, tp_kind))
+                    shard_groups.append({"params": [self.flats[-1]["shard"]], "weight_decay": group["weight_decay"]})
         self.inner = adamw(shard_groups, **hyper)
         self.param_groups, self.shards = self.inner.param_groups, [f["shard"] for f in self.flats]
-        self.nccl = D > 1 and tdist.get_backend(dist.dp_group) == "nccl"
+        self.nccl = dist.dp > 1 and tdist.get_backend(dist.dp_group) == "nccl"
+        self.ready = [0] * len(self.flats)
+        for b, f in enumerate(self.flats):
+            for p in f["params"]:
+                self.bucket_of[p] = b
+                p.register_post_accumulate_grad_hook(self._on_grad)
 
-    def reduce_grads(self):
-        """The averaged gradient of this rank's slice, from the full local gradients p.grad."""
-        D = self.dist.dp
-        for f in self.flats:
-            flat = torch.zeros_like(f["flat"])
-            for p, o in zip(f["params"], f["offsets"]):
-                if p.grad is not None:
-                    flat[o:o + p.numel()].copy_(p.grad.reshape(-1))
-            size = flat.numel() // D
-            if D > 1 and self.nccl:
-                grad = torch.empty(size, device=flat.device)
-                tdist.reduce_scatter_tensor(grad, flat, group=self.dist.dp_group)
-            elif D > 1:  # gloo has no reduce-scatter: all-reduce, keep our slice (same result, twice the traffic)
-                tdist.all_reduce(flat, group=self.dist.dp_group)
-                grad = flat[self.dist.dp_rank * size:(self.dist.dp_rank + 1) * size]
-            else:
-                grad = flat
-            f["shard"].grad = grad / D
+    def _pack(self, params, group, tp_kind):
+        """One flat buffer holding params (which become views of it) and this rank's slice of it, a Parameter."""
+        D, d = self.dist.dp, self.dist.dp_rank
+        n = sum(p.numel() for p in params)
+        flat = torch.zeros(-(-n // D) * D, device=params[0].device)  # padded: dp equal slices
+        offsets, o = [], 0
+        for p in params:
+            flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = flat[o:o + p.numel()].view_as(p)  # the parameter now lives in the flat buffer
+            offsets.append(o)
+            o += p.numel()
+        size = flat.numel() // D
+        shard = nn.Parameter(flat[d * size:(d + 1) * size])  # a view: updating it updates the buffer
+        shard.tp_sharded, shard.dp_sharded = tp_kind, True
+        # Under sequence parallelism every replicated parameter saw only this rank's tokens (model.py): its slice's
+        # gradient is summed over the tp group too. Replicated buckets have the same layout on every tp rank.
+        sp = not tp_kind and getattr(params[0], "sequence_parallel", False)
+        return dict(group=group, params=params, offsets=offsets, flat=flat, shard=shard, sp=sp)
 
-    def start(self):  # GradReducer's interface: nothing to launch during backward
-        pass
+    def _on_grad(self, p):
+        if not self.active:
+            return
+        b = self.bucket_of[p]
+        self.ready[b] += 1
+        if self.ready[b] == len(self.flats[b]["params"]):
+            self._launch(b)
 
-    def finish(self):  # GradReducer's interface: after the last backward, reduce-scatter instead of all-reduce
-        sync_sequence_parallel_grads([p for f in self.flats for p in f["params"]], self.dist)
-        self.reduce_grads()
+    def _launch(self, b):
+        """Start the reduce-scatter of bucket b's flat gradient; the full gradients are then no longer needed."""
+        f, D, d = self.flats[b], self.dist.dp, self.dist.dp_rank
+        flat = torch.zeros_like(f["flat"])
+        for p, o in zip(f["params"], f["offsets"]):
+            if p.grad is not None:
+                flat[o:o + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = None
+        size = flat.numel() // D
+        if D == 1:
+            self.pending[b] = Pending(None, lambda: flat)
+        elif self.nccl:
+            mine = torch.empty(size, device=flat.device)
+            work = tdist.reduce_scatter_tensor(mine, flat, group=self.dist.dp_group, async_op=True)
+            self.pending[b] = Pending(work, lambda: mine)
+        else:  # gloo has no reduce-scatter: all-reduce, keep our slice (same result, twice the traffic)
+            work = tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)
+            self.pending[b] = Pending(work, lambda: flat[d * size:(d + 1) * size])
+
+    def start(self):
+        """Call before the backward of the last micro-batch (GradReducer's interface)."""
+        self.active, self.ready, self.pending = True, [0] * len(self.flats), {}
+
+    def finish(self):
+        """Wait for every bucket (launching those whose gradients never all arrived); set the slices' gradients."""
+        for b in range(len(self.flats)):
+            if b not in self.pending:
+                self._launch(b)
+        for b, f in enumerate(self.flats):
+            grad = self.pending[b].wait() / self.dist.dp
+            f["shard"].grad = all_reduce(grad, self.dist) if f["sp"] and self.dist.tp > 1 else grad
+        self.active, self.pending = False, {}
 
     def step(self):
         self.inner.step()
-        if self.dist.dp > 1:
+        if self.dist.dp > 1:  # every bucket's all-gather in flight at once, then wait for them
+            works = []
             for f in self.flats:
                 mine = f["shard"].detach().clone()
                 if self.nccl:
-                    tdist.all_gather_into_tensor(f["flat"], mine, group=self.dist.dp_group)
+                    works.append(tdist.all_gather_into_tensor(f["flat"], mine, group=self.dist.dp_group,
+                                                              async_op=True))
                 else:
-                    tdist.all_gather(list(f["flat"].chunk(self.dist.dp)), mine, group=self.dist.dp_group)
+                    works.append(tdist.all_gather(list(f["flat"].chunk(self.dist.dp)), mine,
+                                                  group=self.dist.dp_group, async_op=True))
+            for work in works:
+                work.wait()
 
     def zero_grad(self, set_to_none=True):
         self.inner.zero_grad(set_to_none=set_to_none)

@@ -184,14 +184,14 @@ def build(cfg, dist):
     torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
     dist.rng.seed(cfg.seed)
     model = Yuan(cfg, dist).to(dist.device)
-    if cfg.compile:  # each block compiled in place: parameter names, and so checkpoints, do not change
-        for block in model.blocks:
-            block.compile()
+    if cfg.compile:  # each block compiled in place: parameter names, and so checkpoints, do not change. Shapes
+        for block in model.blocks:  # are fixed (micro_batch x seq_len), so no dynamic-shape kernels
+            block.compile(dynamic=False)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.zero1:
-        opt = ZeroAdamW(groups, dist, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        opt = ZeroAdamW(groups, dist, cfg.bucket_mb, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
         return model, opt, opt, opt.shards
     opt = adamw(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     return model, opt, GradReducer(params, dist, cfg.bucket_mb), params

@@ -104,7 +104,8 @@ def main():
             sync()
             t0 = time.perf_counter()
             if name == "nanoyuan":
-                loss = train_step(ours, opt, reducer, scaler, clip_params, 1, autocast, cfg, dist, lambda m: (x, y))
+                loss, _, _ = train_step(ours, opt, reducer, scaler, clip_params, 1, autocast, cfg, dist,
+                                        lambda micro: (x, y))
             else:
                 loss = plain_step(plain, plain_opt, x, y, autocast)
             loss.item()

@@ -1,5 +1,6 @@
-"""Run under mpiexec -n 2 by tests/test_parallel.py: GradReducer's bucketed, overlapped all-reduce gives the same
-gradients as a plain all-reduce of every gradient after the backward."""
+"""Run under mpiexec -n 2 by tests/test_parallel_train.py: GradReducer's bucketed, overlapped all-reduce gives the
+same gradients as a plain all-reduce of every gradient after the backward; ZeroAdamW's bucketed reduce-scatter gives
+each rank its slice of them. Both start every bucket's communication during the backward, not after it."""
 import os
 import sys
 
@@ -8,12 +9,12 @@ import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
 from model import Config, Yuan  # noqa: E402
-from data_parallel import GradReducer  # noqa: E402
+from data_parallel import GradReducer, ZeroAdamW  # noqa: E402
 from parallel import init_distributed, run_or_abort  # noqa: E402
 from mpi_tp_layers import report  # noqa: E402  (tests/ is on sys.path: this script's folder)
 
 
-def grads_after_two_micro_batches(model, dist, reducer):
+def grads_after_two_micro_batches(model, dist, reducer, launched=None):
     torch.manual_seed(100 + dist.dp_rank)  # different data on each data-parallel rank
     for micro in range(2):
         x = torch.randint(0, 256, (2, 17))
@@ -22,12 +23,13 @@ def grads_after_two_micro_batches(model, dist, reducer):
             reducer.start()
         (loss / 2).backward()
     if reducer is not None:
+        launched.append(len(reducer.pending))  # buckets whose communication began inside the backward
         reducer.finish()
     else:
         for p in model.parameters():
             tdist.all_reduce(p.grad, group=dist.dp_group)
             p.grad /= dist.dp
-    grads = [p.grad.clone() for p in model.parameters()]
+    grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]  # ZeRO-1 frees them
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -36,12 +38,27 @@ def main():
     dist = init_distributed(tp=1, device="cpu")
     model = Yuan(Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256, seq_len=16), dist)
     plain = grads_after_two_micro_batches(model, dist, None)
-    reducer = GradReducer(list(model.parameters()), dist, bucket_mb=0.01)  # ~10 KB: several buckets
+    reducer, launched = GradReducer(list(model.parameters()), dist, bucket_mb=0.01), []  # ~10 KB: several buckets
     assert len(reducer.buckets) > 3, len(reducer.buckets)
-    bucketed = grads_after_two_micro_batches(model, dist, reducer)
+    bucketed = grads_after_two_micro_batches(model, dist, reducer, launched)
+    assert launched == [len(reducer.buckets)], launched
     for a, b in zip(plain, bucketed):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
-    report(dist, f"rank {dist.rank}: {len(reducer.buckets)} buckets, gradients equal to a plain all-reduce")
+
+    # ZeRO-1: the gradient of every flat bucket's slice is that slice of the plainly all-reduced gradients.
+    index = {p: i for i, p in enumerate(model.parameters())}
+    zero, launched = ZeroAdamW([{"params": list(model.parameters()), "weight_decay": 0.0}], dist, 0.01, lr=1e-3), []
+    assert len(zero.flats) > 3, len(zero.flats)
+    grads_after_two_micro_batches(model, dist, zero, launched)
+    assert launched == [len(zero.flats)], launched
+    for f in zero.flats:
+        want = torch.zeros_like(f["flat"])
+        for p, o in zip(f["params"], f["offsets"]):
+            want[o:o + p.numel()] = plain[index[p]].reshape(-1)
+        mine = want.chunk(dist.dp)[dist.dp_rank]
+        assert torch.allclose(f["shard"].grad, mine, rtol=1e-6, atol=1e-7), (f["shard"].grad - mine).abs().max()
+    report(dist, f"rank {dist.rank}: {len(reducer.buckets)} buckets, gradients equal to a plain all-reduce; "
+                 f"ZeRO-1 {len(zero.flats)} buckets, slices equal")
 
 
 if __name__ == "__main__":

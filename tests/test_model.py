@@ -73,7 +73,9 @@ def test_generate_top_k_and_greedy():
 
 @pytest.mark.parametrize("kwargs, message", [(dict(n_embd=100, n_head=3), "not divisible by n_head"),
                                              (dict(vocab_size=1000), "multiple of 128"),
-                                             (dict(dtype="fp8"), "not one of"), (dict(n_layer=0), "at least 1")])
+                                             (dict(dtype="fp8"), "not one of"), (dict(n_layer=0), "at least 1"),
+                                             (dict(n_embd=192, n_head=6, seq_len=100, tp=3,
+                                                   sequence_parallel=True), "multiple of 3")])
 def test_config_errors_say_what_to_change(kwargs, message):
     with pytest.raises(UserError, match=message):
         Config(**kwargs)

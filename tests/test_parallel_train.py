@@ -42,10 +42,13 @@ SP = ["--sequence_parallel", "true"]
 
 @pytest.mark.parametrize("n, tp, extra", [(2, 2, []), (2, 1, []), (4, 2, []), (2, 2, ["--recompute", "full"]),
                                           (1, 1, ["--zero1", "true"]), (2, 1, ["--zero1", "true"]),
-                                          (4, 2, ["--zero1", "true"]), (4, 2, SP),
-                                          (4, 2, [*SP, "--zero1", "true", "--recompute", "full"])],
-                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full", "zero1", "dp2-zero1", "tp2xdp2-zero1",
-                              "tp2xdp2-sp", "tp2xdp2-sp-zero1-recompute-full"])
+                                          (4, 2, ["--zero1", "true", "--bucket_mb", 0.01]), (4, 2, SP),
+                                          (4, 2, [*SP, "--zero1", "true", "--recompute", "full"]),
+                                          (2, 2, [*SP, "--compile", "true"]),
+                                          (1, 1, ["--compile", "true", "--recompute", "full"])],
+                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full", "zero1", "dp2-zero1", "tp2xdp2-zero1-small-buckets",
+                              "tp2xdp2-sp", "tp2xdp2-sp-zero1-recompute-full", "tp2-sp-compile",
+                              "compile-recompute-full"])
 def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra):
     mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp, *extra)
     train, val, norms = losses(tmp_path / "run")
@@ -80,7 +83,7 @@ def test_bucketed_reduction_equals_plain_all_reduce():
     proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "mpi_grad_reduce.py")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("gradients equal to a plain all-reduce") == 2
+    assert proc.stdout.count("gradients equal to a plain all-reduce") == 2 and proc.stdout.count("slices equal") == 2
 
 
 def test_a_failing_rank_ends_the_job_promptly():

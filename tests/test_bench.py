@@ -1,0 +1,26 @@
+"""The benchmark scripts run (on a tiny model, one timed step), so that they cannot silently rot between the GPU
+sessions that use them. Their numbers are not checked here: they are recorded by hand in bench/RESULTS.md."""
+import json
+
+from conftest import run
+
+TINY = ["--preset", "tiny", "--n_layer", "1", "--seq_len", "32", "--micro_batch", "2", "--vocab_size", "256"]
+
+
+def test_throughput_grid(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    proc = run("bench/throughput.py", *TINY, "--steps", 1, "--warmup", 1, "--recompute", "none,full", "--json", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["recompute"] for r in rows] == ["none", "full"] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert proc.stdout.count("tiny ") == 2 and "tokens/s" in proc.stdout
+
+
+def test_throughput_errors_say_what_is_valid():
+    proc = run("bench/throughput.py", "--presets", "small", check=False)
+    assert proc.returncode != 0 and "unknown option --presets" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_vs_plain():
+    proc = run("bench/vs_plain.py", "--preset", "tiny", "--n_layer", "1", "--seq_len", "32", "--micro_batch", "2",
+               "--steps", 1)
+    assert "nanoyuan / plain = " in proc.stdout
