@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, checkpoint,
-                      column_parallel_matmul, full_normal, vocab_parallel_cross_entropy)
+from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, column_parallel_matmul,
+                      full_normal, vocab_parallel_cross_entropy)
+from recompute import checkpoint
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Distributed training by hand: the MPI bootstrap, Megatron-style tensor-parallel layers. (Keeping the
-data-parallel replicas in step, gradient reduction and ZeRO-1, is data_parallel.py.)
+"""Distributed training by hand: the MPI bootstrap, Megatron-style tensor- and sequence-parallel layers. (Keeping
+the data-parallel replicas in step, gradient reduction and ZeRO-1, is data_parallel.py; the dropout generator of
+each tensor-parallel rank and recomputation, recompute.py.)
 
 Every layer here is tested against the unsharded computation under `mpiexec` (tests/test_parallel.py). At
 tensor-parallel size 1 the collectives are skipped and the layers are plain nn.Linear / nn.Embedding arithmetic.
@@ -16,16 +17,15 @@ import socket
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from errors import UserError
+from recompute import TPRandom
 
 
 @dataclass
@@ -444,63 +444,3 @@ def vocab_parallel_cross_entropy(logits, targets, dist, start):
     if dist.tp == 1:
         return F.cross_entropy(logits.float(), targets)
     return _VocabParallelCrossEntropy.apply(logits, targets, start, dist.tp_group).mean()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Randomness: dropout across tensor-parallel ranks, and recomputation that replays it
-
-
-class TPRandom:
-    """Megatron's RNG tracker, reduced to what this model needs. Dropout on replicated activations uses the global
-    generator, seeded the same on every rank of a tensor-parallel group so their masks agree; dropout on a rank's
-    own heads runs inside fork(), on a generator seeded differently per tp rank. At tp = 1 fork() does nothing."""
-
-    def __init__(self, tp, tp_rank, device):
-        self.tp, self.tp_rank, self.device, self.state = tp, tp_rank, device, None
-
-    def _get(self):
-        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
-
-    def _set(self, state):
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
-
-    def seed(self, seed):
-        if self.tp > 1:
-            saved = self._get()
-            gen = torch.Generator(self.device).manual_seed(seed + 2718 + self.tp_rank)
-            self.state = gen.get_state()
-            self._set(saved)
-
-    @contextmanager
-    def fork(self):
-        if self.state is None:
-            yield
-            return
-        saved = self._get()
-        self._set(self.state)
-        try:
-            yield
-        finally:
-            self.state = self._get()
-            self._set(saved)
-
-
-def checkpoint(fn, dist, *args):
-    """Activation recomputation: run fn(*args) keeping only its inputs; backward runs it again to rebuild what it
-    needs. The recomputation must draw the same dropout masks: torch restores the default generator
-    (preserve_rng_state), and this restores the tensor-parallel generator to its state at the first run."""
-    state, calls = dist.rng.state, [0]
-
-    def run(*a):
-        calls[0] += 1
-        if calls[0] == 1:
-            return fn(*a)
-        later, dist.rng.state = dist.rng.state, state
-        try:
-            return fn(*a)
-        finally:
-            dist.rng.state = later
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)

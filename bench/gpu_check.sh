@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, sized for a single H100/H200 and at most about 9 minutes (usually less) (see the developers' guide):
+# The one prepared GPU check for a single H100/H200, at most about 9 minutes (see the developers' guide):
 #   1. the tests that matter on a GPU (tests/test_cuda.py runs only where torch sees one, then model and plan),
 #   2. bench/throughput.py: `small` and `1.3b` in bf16, eager and --compile; yuan-4.7b at tp 1 with full
 #      recomputation where the card holds it (H200: 141 GB); plan.py's memory estimate beside each measured peak,
 #   3. bench/vs_plain.py on the GPU (nanoyuan's step against plain PyTorch, `small`),
 #   4. the data benchmark (bench/data_bench.py) on all of the machine's cores,
-# writing device.txt, tests.txt, throughput.txt (+ throughput.jsonl), vs_plain.txt and data_bench.txt to $OUT
-# (default out/gpu_check). Uses the machine's own python3 and torch; with no MPI library everything is one process.
+# writing device.txt, tests.txt, throughput.txt (+ throughput.jsonl, bench_stderr.txt), vs_plain.txt and
+# data_bench.txt to $OUT (default out/gpu_check). Uses the machine's own python3 and torch; with no MPI library
+# everything is one process.
 #   device tool:  bash bench/gpu_check.sh        (then copy the figures into bench/RESULTS.md with the card)
 set -u
 cd "$(dirname "$0")/.."
@@ -22,8 +23,12 @@ mkdir -p "$OUT"
 timeout 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_model.py tests/test_plan.py 2>&1 |
   tail -15 | tee "$OUT/tests.txt"
 
-bench() {  # SECONDS ARGS...: one throughput grid; the table goes to throughput.txt as it is printed
-  timeout "$1" $PY bench/throughput.py --json "$OUT/throughput.jsonl" "${@:2}" 2>&1 | tee -a "$OUT/throughput.txt"
+bench() {  # SECONDS ARGS...: one throughput grid; the table goes to throughput.txt as it is printed, warnings and
+  # errors to bench_stderr.txt; a grid stopped by its time limit says so (its finished rows are kept)
+  timeout "$1" $PY bench/throughput.py --json "$OUT/throughput.jsonl" "${@:2}" 2>> "$OUT/bench_stderr.txt" |
+    tee -a "$OUT/throughput.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "  (exit $rc$([ "$rc" = 124 ] && echo ": the $1 s limit"): ${*:2})" | tee -a "$OUT/throughput.txt"
 }
 bench 70 --preset small --dtype bf16 --micro_batch 16 --compile false,true --steps 10 --warmup 3
 bench 90 --preset 1.3b --dtype bf16 --micro_batch 4 --compile false,true --steps 6 --warmup 3
