@@ -422,6 +422,13 @@ def train(argv):
     dist.print0(f"model {opts['preset']}: {n_params:,} params on each of {dist.tp} tp ranks, vocab {cfg.vocab_size:,}, "
                 f"{cfg.dtype} on {device}; world {dist.world} = tp {dist.tp} x dp {dist.dp}; {cfg.batch_tokens:,} "
                 f"tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches x {dist.dp} dp")
+    features = [name for name, on in (("sequence parallel", cfg.sequence_parallel and dist.tp > 1),
+                                      (f"recompute {cfg.recompute}", cfg.recompute != "none"), ("ZeRO-1", cfg.zero1),
+                                      ("compiled blocks", cfg.compile)) if on]
+    if features:
+        dist.print0("with " + ", ".join(features))
+    if cfg.sequence_parallel and dist.tp == 1:
+        dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=cfg.dtype != "fp32")
     bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, mininterval=1.0, disable=dist.rank != 0)
 
