@@ -23,8 +23,9 @@ def tokens_per_s(ranks, threads, tp, args, workdir):
     # Global batch: --batch-seqs sequences of one per micro-batch, so DP=2 runs half as many micro-batches per rank.
     train = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "small", "--data", args.data, "--out", out,
              "--vocab_size", "50304", "--seq_len", str(args.seq_len), "--micro_batch", "1",
-             "--batch_tokens", str(args.batch_seqs * args.seq_len), "--max_steps", str(args.steps + 1), "--eval_interval", "1000",
-             "--eval_batches", "1", "--ckpt_interval", "1000", "--dtype", "fp32", "--tp", str(tp)]
+             "--batch_tokens", str(args.batch_seqs * args.seq_len), "--max_steps", str(args.steps + 1),
+             "--eval_interval", "1000", "--eval_batches", "1", "--ckpt_interval", "1000", "--dtype", "fp32",
+             "--tp", str(tp)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = train if ranks == 1 else [MPIEXEC, "-n", str(ranks), *train]
     subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT)
