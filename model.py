@@ -95,6 +95,11 @@ class Config:
     def head_dim(self):
         return self.n_embd // self.n_head
 
+    @property
+    def sp(self):
+        """Sequence parallelism in effect: asked for, and a tensor-parallel group to split the sequence over."""
+        return self.sequence_parallel and self.tp > 1
+
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "ffn_hidden", "seq_len", "vocab_size", "layernorm_eps")
 
@@ -170,7 +175,7 @@ class Attention(nn.Module):
     def __init__(self, cfg, dist):
         super().__init__()
         self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // cfg.tp, cfg.head_dim, cfg.dropout, dist
-        self.recompute, sp = cfg.recompute == "selective", cfg.sequence_parallel and cfg.tp > 1
+        self.recompute, sp = cfg.recompute == "selective", cfg.sp
         self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist, sp)  # fused Q, K, V of this rank's heads
         self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist, sp)  # output projection, partial sums reduced
         self.resid_drop = Dropout(cfg.dropout, dist, sp)
@@ -196,7 +201,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg, dist):
         super().__init__()
-        sp = cfg.sequence_parallel and cfg.tp > 1
+        sp = cfg.sp
         self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist, sp)  # up
         self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist, sp)  # down
         self.drop = Dropout(cfg.dropout, dist, sp)
@@ -228,7 +233,7 @@ class Yuan(nn.Module):
         self.cfg, self.dist = cfg, dist or Dist()
         if self.dist.tp != cfg.tp:
             raise UserError(f"config tp = {cfg.tp} but the process layout has tp = {self.dist.tp}.")
-        self.sp = cfg.sequence_parallel and cfg.tp > 1
+        self.sp = cfg.sp
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist, self.sp)  # also the LM head (tied)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions (replicated)
         self.drop = Dropout(cfg.dropout, self.dist, self.sp)

@@ -148,6 +148,9 @@ def run_or_abort(main):
 #   g                all-reduce            identity              a row-parallel matmul's partial sums leave
 #   f, sequence par. all-gather along T    reduce-scatter        [B, T/tp, C] enters a column-parallel matmul
 #   g, sequence par. reduce-scatter on T   all-gather along T    partial sums [B, T, C] leave as [B, T/tp, C]
+#
+# Both forms of f run fused with the column-parallel matmul (ColumnParallelMatmul below), so that backward can
+# overlap their collective with the weight gradient; CopyToTP is f alone, as the reference the tests compare with.
 
 
 class Pending:
@@ -217,21 +220,6 @@ class ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class GatherFromSequence(torch.autograd.Function):
-    """f under sequence parallelism: forward all-gather along T, backward reduce-scatter. Each rank's slice of the
-    sequence enters the sharded matmuls whole; the input gradient is summed over the ranks' shards (as f's
-    all-reduce does) and each rank keeps its own tokens' part."""
-
-    @staticmethod
-    def forward(ctx, x, dist):
-        ctx.dist = dist
-        return all_gather_seq(x, dist)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_seq(grad, ctx.dist), None
-
-
 class ReduceScatterToSequence(torch.autograd.Function):
     """g under sequence parallelism: forward reduce-scatter along T, backward all-gather. The partial sums are
     summed, as g does, but each rank keeps only its T/tp tokens; every token's gradient is needed by every rank's
@@ -247,10 +235,10 @@ class ReduceScatterToSequence(torch.autograd.Function):
         return all_gather_seq(grad, ctx.dist), None
 
 
-def f(x, dist, sequence_parallel=False):
-    if dist.tp == 1:
-        return x
-    return GatherFromSequence.apply(x, dist) if sequence_parallel else CopyToTP.apply(x, dist)
+def f(x, dist):
+    """The textbook f. The layers run it fused with their matmul (ColumnParallelMatmul, which also holds the
+    sequence-parallel form); tests/mpi_tp_layers.py checks the fused form against this one."""
+    return CopyToTP.apply(x, dist) if dist.tp > 1 else x
 
 
 def g(x, dist, sequence_parallel=False):

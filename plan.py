@@ -63,7 +63,7 @@ def activation_bytes(cfg, micro_batch, tp, dtype, recompute):
     """(bytes saved for backward per layer as stored, bytes of the whole model's activations) on one rank."""
     n, h, f, a = micro_batch * cfg.seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
     r, s = 4, (4 if dtype == "fp32" else 2)
-    q = tp if cfg.sequence_parallel else 1  # outside the matmuls: every token (q = 1) or T/tp of them (q = tp)
+    q = tp if cfg.sp else 1  # outside the matmuls: every token (q = 1) or T/tp of them (q = tp)
     layer = n * ((2 * r * h + 2 * s * h) // q + 5 * s * h // tp + 2 * s * f // tp) + 4 * n * a // tp
     if cfg.dropout > 0:
         layer += 2 * n * h // q
@@ -109,7 +109,7 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, token
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak else None
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
                   seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
-                  sequence_parallel=cfg.sequence_parallel and tp > 1, **e,
+                  sequence_parallel=cfg.sp, **e,
                   gpu_mem_gb=mem_gb, fits=None if mem_gb is None else total_gb + SLACK_GB <= mem_gb,
                   peak_tflops=peak, mfu=mfu, tokens_per_s=tok_s, tokens=tokens,
                   hours=tokens / tok_s / 3600 if tok_s else None)
@@ -120,7 +120,7 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, token
     gb = lambda x: f"{x / 1e9:8.2f} GB"  # noqa: E731
     print(f"{preset} on {gpus} x {gpu}: tp {tp} x dp {dp}, {dtype}, micro-batch {cfg.micro_batch} x {cfg.seq_len}, "
           f"recompute {cfg.recompute}, ZeRO-1 {'on' if cfg.zero1 else 'off'}, sequence parallel "
-          f"{'on' if cfg.sequence_parallel and tp > 1 else 'off'}\nper GPU")
+          f"{'on' if cfg.sp else 'off'}\nper GPU")
     print(f"  parameters     {e['params_per_rank']:>14,}")
     print(f"  weights        {gb(b['weights'])}   fp32 master copy")
     print(f"  gradients      {gb(b['gradients'])}   fp32")

@@ -180,7 +180,7 @@ def resolve_dtype(cfg, device):
 def build(cfg, dist):
     """(model, optimizer, gradient reducer, parameters to clip). AdamW decays matrices and embeddings, not biases or
     LayerNorm gains. With --zero1 one object is both optimizer and reducer: its moments are sharded over dp and
-    gradients are reduce-scattered after the last backward (data_parallel.py)."""
+    gradients are reduce-scattered during the last backward (data_parallel.py)."""
     torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
     dist.rng.seed(cfg.seed)
     model = Yuan(cfg, dist).to(dist.device)
@@ -422,7 +422,7 @@ def train(argv):
     dist.print0(f"model {opts['preset']}: {n_params:,} params on each of {dist.tp} tp ranks, vocab {cfg.vocab_size:,}, "
                 f"{cfg.dtype} on {device}; world {dist.world} = tp {dist.tp} x dp {dist.dp}; {cfg.batch_tokens:,} "
                 f"tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches x {dist.dp} dp")
-    features = [name for name, on in (("sequence parallel", cfg.sequence_parallel and dist.tp > 1),
+    features = [name for name, on in (("sequence parallel", cfg.sp),
                                       (f"recompute {cfg.recompute}", cfg.recompute != "none"), ("ZeRO-1", cfg.zero1),
                                       ("compiled blocks", cfg.compile)) if on]
     if features:

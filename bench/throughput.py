@@ -67,7 +67,7 @@ def measure(preset, overrides, dist, opts):
     cfg = make_config(preset, **overrides, tp=dist.tp)
     dtype = resolve_dtype(cfg, dist.device)
     row = dict(preset=preset, tp=dist.tp, dp=dist.dp, dtype=cfg.dtype, recompute=cfg.recompute,
-               sp=cfg.sequence_parallel and dist.tp > 1, zero1=cfg.zero1, compile=cfg.compile,
+               sp=cfg.sp, zero1=cfg.zero1, compile=cfg.compile,
                micro_batch=cfg.micro_batch, seq_len=cfg.seq_len, accum=opts["accum"],
                plan_gb=estimate(cfg, dist.tp, dist.dp, cfg.dtype)["total_bytes"] / 1e9)
     cuda = dist.device.type == "cuda"
