@@ -173,6 +173,11 @@ def resolve_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
 
 
+def precision(cfg, device):
+    """The context every forward runs in: autocast to cfg.dtype (fp32: a no-op). Call resolve_dtype first."""
+    return torch.autocast(device.type, dtype=resolve_dtype(cfg, device), enabled=cfg.dtype != "fp32")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The model, its optimizer and one training step (also what bench/throughput.py times)
 
@@ -360,7 +365,7 @@ def train(argv):
     out = opts["out"]
     dist = init_distributed(cfg.tp, cfg.device)
     device = dist.device
-    ptdtype = resolve_dtype(cfg, device)
+    resolve_dtype(cfg, device)  # "auto" becomes the device's dtype
 
     # Data: micro-batches per step first (the reader needs them), then the vocabulary: the tokenizer's, padded to
     # 128 * tp, unless --vocab_size says otherwise.
@@ -429,7 +434,7 @@ def train(argv):
         dist.print0("with " + ", ".join(features))
     if cfg.sequence_parallel and dist.tp == 1:
         dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
-    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=cfg.dtype != "fp32")
+    autocast = precision(cfg, device)
     bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, mininterval=1.0, disable=dist.rank != 0)
 
     def evaluate():  # every rank evaluates the same windows, so every rank gets the same number

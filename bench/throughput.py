@@ -30,7 +30,7 @@ from errors import UserError  # noqa: E402
 from model import Config, flops_per_token, make_config  # noqa: E402
 from parallel import init_distributed, run_or_abort  # noqa: E402
 from plan import estimate  # noqa: E402
-from train import LossScaler, build, parse_bool, peak_flops, resolve_dtype, train_step  # noqa: E402
+from train import LossScaler, build, parse_bool, peak_flops, precision, resolve_dtype, train_step  # noqa: E402
 
 BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 1, "json": ""}
 
@@ -65,7 +65,7 @@ def parse(argv):
 def measure(preset, overrides, dist, opts):
     """Time opts['steps'] training steps of one setting; returns a result row."""
     cfg = make_config(preset, **overrides, tp=dist.tp)
-    dtype = resolve_dtype(cfg, dist.device)
+    resolve_dtype(cfg, dist.device)
     row = dict(preset=preset, tp=dist.tp, dp=dist.dp, dtype=cfg.dtype, recompute=cfg.recompute,
                sp=cfg.sp, zero1=cfg.zero1, compile=cfg.compile,
                micro_batch=cfg.micro_batch, seq_len=cfg.seq_len, accum=opts["accum"],
@@ -77,7 +77,7 @@ def measure(preset, overrides, dist, opts):
     try:
         model, opt, reducer, clip_params = build(cfg, dist)
         scaler = LossScaler(enabled=cfg.dtype == "fp16")
-        autocast = torch.autocast(dist.device.type, dtype=dtype, enabled=cfg.dtype != "fp32")
+        autocast = precision(cfg, dist.device)
         gen = torch.Generator().manual_seed(cfg.seed + dist.dp_rank)
         ids = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1), generator=gen).to(dist.device)
         batch = lambda micro: (ids[:, :-1], ids[:, 1:])  # noqa: E731
