@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import struct
+import warnings
 
 import numpy as np
 
@@ -165,11 +166,19 @@ class Batches:
     windows, and the step's global batch takes the next step_windows of them. Data-parallel rank r, micro-batch m
     takes the slice (m * dp + r) of that global batch, so ranks never share a window, the global batch of a step
     does not depend on how it is split across ranks, and a resumed run reads exactly what the uninterrupted run
-    would have read: the position is a pure function of (seed, step)."""
+    would have read: the position is a pure function of (seed, step).
+
+    pin_memory: return x and y as contiguous tensors in page-locked (pinned) memory, so that the trainer's
+    x.to(device, non_blocking=True) is an asynchronous copy that overlaps with the GPU's work (from ordinary memory
+    it waits for the copy; so does a non-contiguous source, which ATen first copies to ordinary memory). Each batch
+    gets fresh pinned tensors: torch's pinned-memory cache does not hand a block out again until the copies that
+    read it have finished, so no batch can overwrite one still in flight. A reused buffer would save nothing that
+    matters (a micro-batch of yuan-4.7b is 16 KB of ids) and would need an event per copy to be safe. Where torch
+    sees no CUDA device there is no pinned memory: the option is then ignored with a warning."""
 
     RELEASE_EVERY = 32  # batches between TokenShards.release() calls
 
-    def __init__(self, data_dir, seq_len, micro_batch, seed, rank=0, dp=1, accum=1):
+    def __init__(self, data_dir, seq_len, micro_batch, seed, rank=0, dp=1, accum=1, pin_memory=False):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"{meta_path} not found: {data_dir} is not a prepared data directory (or its prepare "
@@ -193,6 +202,13 @@ class Batches:
                                 f"HINT: lower --seq_len, or prepare more text (or a larger --val-fraction).")
         self.calls = 0
         self._keys = {}
+        self.pin_memory = pin_memory
+        if pin_memory:
+            import torch  # not at the top: see _batch
+            if not torch.cuda.is_available():
+                warnings.warn("Batches(pin_memory=True): torch sees no CUDA device, so there is no pinned memory; "
+                              "batches stay in ordinary memory.")
+                self.pin_memory = False
 
     def _epoch_keys(self, epoch):
         if epoch not in self._keys:
@@ -206,7 +222,10 @@ class Batches:
             self.val.release()
         import torch  # here, not at the top: prepare's worker processes import this module and need no torch
         w = torch.from_numpy(part.windows(ids))  # [B, T+1]
-        return w[:, :-1], w[:, 1:]  # inputs [B, T], targets [B, T]
+        x, y = w[:, :-1], w[:, 1:]  # inputs [B, T], targets [B, T]: views, not contiguous when B > 1
+        if self.pin_memory:  # contiguous pinned copies (see the class docstring)
+            x, y = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in (x, y))
+        return x, y
 
     def train_ids(self, step, micro):
         """Indices (into the train grid) of the windows of this rank's micro-batch `micro` at `step`."""

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from mixed_precision import grad_of
 from parallel import Pending, all_reduce, sync_sequence_parallel_grads
 
 
@@ -20,14 +21,46 @@ def adamw(groups, **hyper):
         return torch.optim.AdamW(groups, **hyper)
 
 
+class MasterAdamW:
+    """AdamW under master weights (mixed_precision.py): it updates each parameter's fp32 p.master from its fp32
+    p.main_grad, then copies the masters into the bf16/fp16 working weights. Its state_dict is torch.optim.AdamW's,
+    for the same parameters in the same order, so checkpoints do not depend on the precision."""
+
+    def __init__(self, groups, **hyper):
+        self.params = [p for g in groups for p in g["params"]]
+        self.inner = adamw([{**g, "params": [p.master for p in g["params"]]} for g in groups], **hyper)
+
+    @property
+    def param_groups(self):  # the inner optimizer's, looked up each time: its load_state_dict replaces the list
+        return self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            p.master.grad = p.main_grad  # the same fp32 tensor: no copy
+        self.inner.step()
+        torch._foreach_copy_([p.data for p in self.params], [p.master for p in self.params])  # rounded to bf16
+
+    def zero_grad(self, set_to_none=True):
+        torch._foreach_zero_([p.main_grad for p in self.params])
+        for p in self.params:
+            p.master.grad = None
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd):
+        self.inner.load_state_dict(sd)
+
+
 def clip_grad_norm(params, max_norm, dist):
     """Global gradient norm, then clip. Sharded parameters (tp_sharded) hold different slices on each tp rank, so
     their squared norms are summed over the tensor-parallel group; replicated ones are identical on every rank and
     counted once. ZeRO-1 shards (dp_sharded) are disjoint slices on each data-parallel rank: summed over that group
     first. Every rank gets the same norm, so all agree on skipping an fp16 overflow step."""
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = [p.grad for p in params if p.grad is not None and getattr(p, "tp_sharded", False)]
-    replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "tp_sharded", False)]
+    grads = [grad_of(p) for p in params if grad_of(p) is not None]
+    sharded = [grad_of(p) for p in params if grad_of(p) is not None and getattr(p, "tp_sharded", False)]
+    replicated = [grad_of(p) for p in params if grad_of(p) is not None and not getattr(p, "tp_sharded", False)]
     sq = torch.zeros(2, device=grads[0].device)
     for i, group in enumerate((sharded, replicated)):
         if group:
@@ -74,7 +107,7 @@ class GradReducer:
             self._launch(b)
 
     def _launch(self, b):
-        flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[b]])
+        flat = torch.cat([grad_of(p).reshape(-1) for p in self.buckets[b]])
         self.pending.append((b, flat, tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)))
 
     def start(self):
@@ -92,14 +125,14 @@ class GradReducer:
         for b in range(len(self.buckets)):  # a bucket whose gradients never all arrived (unused parameters)
             if b not in launched:
                 for p in self.buckets[b]:
-                    if p.grad is None:
+                    if grad_of(p) is None:
                         p.grad = torch.zeros_like(p)
                 self._launch(b)
         for b, flat, work in self.pending:
             work.wait()
             flat /= self.dist.dp
             for p, chunk in zip(self.buckets[b], flat.split([p.numel() for p in self.buckets[b]])):
-                p.grad.copy_(chunk.view_as(p))
+                grad_of(p).copy_(chunk.view_as(p))
         self.active, self.pending = False, []
 
 
@@ -115,7 +148,9 @@ class ZeroAdamW:
         finish():  wait for every bucket (clip_grad_norm then works on the slices: their squares summed over dp)
         step():    AdamW on this rank's slices only (1/dp of the moments live here)
                    -> all-gather the updated slices: every rank has every parameter again
-    It replaces GradReducer's all-reduce: a reduce-scatter plus an all-gather move the same bytes. The state_dict is
+    It replaces GradReducer's all-reduce: a reduce-scatter plus an all-gather move the same bytes. Under master
+    weights (mixed_precision.py) the flat buffers hold the fp32 masters, gradients come from main_grad, and after the
+    all-gather the masters are copied into the bf16/fp16 working weights. The state_dict is
     the plain torch.optim.AdamW one (moments gathered to full size), so checkpoints do not depend on --zero1."""
 
     def __init__(self, groups, dist, bucket_mb=25.0, **hyper):
@@ -149,8 +184,12 @@ class ZeroAdamW:
         flat = torch.zeros(-(-n // D) * D, device=params[0].device)  # padded: dp equal slices
         offsets, o = [], 0
         for p in params:
-            flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
-            p.data = flat[o:o + p.numel()].view_as(p)  # the parameter now lives in the flat buffer
+            master = getattr(p, "master", None)  # under master weights the fp32 copy lives in the buffer
+            flat[o:o + p.numel()].copy_((p if master is None else master).detach().reshape(-1))
+            if master is None:
+                p.data = flat[o:o + p.numel()].view_as(p)  # the parameter now lives in the flat buffer
+            else:
+                p.master = flat[o:o + p.numel()].view_as(p)
             offsets.append(o)
             o += p.numel()
         size = flat.numel() // D
@@ -174,9 +213,12 @@ class ZeroAdamW:
         f, D, d = self.flats[b], self.dist.dp, self.dist.dp_rank
         flat = torch.zeros_like(f["flat"])
         for p, o in zip(f["params"], f["offsets"]):
-            if p.grad is not None:
-                flat[o:o + p.numel()].copy_(p.grad.reshape(-1))
-                p.grad = None
+            if grad_of(p) is not None:
+                flat[o:o + p.numel()].copy_(grad_of(p).reshape(-1))
+                if hasattr(p, "main_grad"):
+                    p.main_grad.zero_()  # ready for the next step's accumulation
+                else:
+                    p.grad = None
         size = flat.numel() // D
         if D == 1:
             self.pending[b] = Pending(None, lambda: flat)
@@ -216,6 +258,10 @@ class ZeroAdamW:
                                                   group=self.dist.dp_group, async_op=True))
             for work in works:
                 work.wait()
+        masters = [p for f in self.flats for p in f["params"] if hasattr(p, "master")]
+        if masters:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in masters], [p.master for p in masters])  # rounded to bf16
 
     def zero_grad(self, set_to_none=True):
         self.inner.zero_grad(set_to_none=set_to_none)

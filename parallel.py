@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
+from mixed_precision import accumulate_wgrad, grad_of
 from recompute import TPRandom
 
 
@@ -77,6 +78,12 @@ def init_distributed(tp=1, device=""):
             torch.cuda.set_device(dev)
         return Dist(device=dev)
     rank = comm.Get_rank()
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism, as Megatron-LM requires, unless the user set it: with
+    # one hardware work queue per GPU, kernels start in launch order, so the input-gradient all-reduce that
+    # the column-parallel matmul's backward launches before the weight-gradient GEMM starts first and runs beside it;
+    # with several queues the GEMM can take every SM first and the communication waits. CUDA reads the variable
+    # when it initializes: this is set before the first torch.cuda call below (nothing earlier touches CUDA).
+    queues = os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1") if tp > 1 else "1"
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_world = local.Get_rank(), local.Get_size()
     addr = port = None
@@ -108,9 +115,13 @@ def init_distributed(tp=1, device=""):
         group = tdist.new_group(list(range(offset, world, tp)))
         if rank % tp == offset:
             dp_group = group
-    return Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
+    dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
                 tp_group=tp_group if tp > 1 else None, dp=world // tp, dp_rank=rank // tp,
                 dp_group=dp_group if world // tp > 1 else None, device=dev)
+    if queues != "1":
+        dist.print0(f"note: CUDA_DEVICE_MAX_CONNECTIONS={queues} from the environment is kept; Megatron-LM uses 1 "
+                    f"with tensor parallelism, so that the backward's all-reduce is not queued behind a GEMM")
+    return dist
 
 
 def run_or_abort(main):
@@ -149,7 +160,7 @@ def run_or_abort(main):
 #   f, sequence par. all-gather along T    reduce-scatter        [B, T/tp, C] enters a column-parallel matmul
 #   g, sequence par. reduce-scatter on T   all-gather along T    partial sums [B, T, C] leave as [B, T/tp, C]
 #
-# Both forms of f run fused with the column-parallel matmul (ColumnParallelMatmul below), so that backward can
+# Both forms of f run fused with the column-parallel matmul (ParallelMatmul below), so that backward can
 # overlap their collective with the weight gradient; CopyToTP is f alone, as the reference the tests compare with.
 
 
@@ -171,25 +182,49 @@ def all_reduce(x, dist, async_op=False):
     return Pending(work, lambda: x) if async_op else x
 
 
+# torch 2.13 names the single-buffer collectives all_gather_single / reduce_scatter_single and warns (FutureWarning)
+# on the older names, all_gather_into_tensor / reduce_scatter_tensor; older releases have only those: take the new.
+# Looked up by name at each call, so that a wrapper put on torch.distributed (bench/roofline.py's) sees the call.
+_GATHER = "all_gather_single" if hasattr(tdist, "all_gather_single") else "all_gather_into_tensor"
+_SCATTER = "reduce_scatter_single" if hasattr(tdist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
+
 def all_gather_seq(x, dist, async_op=False):
-    """[B, T/tp, ...] on each tp rank -> [B, T, ...]: the ranks' slices of the sequence, in rank order."""
-    parts = [torch.empty_like(x) for _ in range(dist.tp)]
-    work = tdist.all_gather(parts, x.contiguous(), group=dist.tp_group, async_op=async_op)
-    pending = Pending(work, lambda: torch.cat(parts, dim=1))
+    """[B, T/tp, ...] on each tp rank -> [B, T, ...]: the ranks' slices of the sequence, in rank order.
+
+    One buffer, no list: the collective writes rank r's [B, T/tp, ...] as block r of a [tp * B, T/tp, ...] tensor.
+    With B == 1 (yuan-4.7b's micro-batch) that buffer already is [1, T, ...] in memory, so nothing is copied. With
+    B > 1 the blocks interleave batch rows, and one movedim + reshape copy puts T back together; Megatron-LM avoids
+    it by keeping activations sequence-first ([T, B, C]), which this batch-first model does not."""
+    B, t = x.shape[:2]
+    rest = x.shape[2:]
+    out = x.new_empty((dist.tp * B, t, *rest))  # [tp * B, T/tp, ...]: rank r's block at rows r B .. (r + 1) B
+    work = getattr(tdist, _GATHER)(out, x.contiguous(), group=dist.tp_group, async_op=async_op)
+    if B == 1:
+        result = lambda: out.view(1, dist.tp * t, *rest)  # noqa: E731  [tp, T/tp, ...] is [1, T, ...]
+    else:
+        result = lambda: out.view(dist.tp, B, t, *rest).movedim(0, 1).reshape(B, dist.tp * t, *rest)  # noqa: E731
+    pending = Pending(work, result)  # [B, T, ...]
     return pending if async_op else pending.wait()
 
 
 def reduce_scatter_seq(x, dist, async_op=False):
-    """Partial sums [B, T, ...] on each tp rank -> this rank's slice [B, T/tp, ...] of their sum."""
-    if tdist.get_backend(dist.tp_group) == "nccl":
-        chunks = [c.contiguous() for c in x.chunk(dist.tp, dim=1)]
-        out = torch.empty_like(chunks[0])
-        work = tdist.reduce_scatter(out, chunks, group=dist.tp_group, async_op=async_op)
-        pending = Pending(work, lambda: out)
-    else:  # gloo has no reduce-scatter: all-reduce and keep this rank's slice (same result, twice the traffic)
-        x = x.contiguous().clone()
-        work = tdist.all_reduce(x, group=dist.tp_group, async_op=async_op)
-        pending = Pending(work, lambda: x.chunk(dist.tp, dim=1)[dist.tp_rank].contiguous())
+    """Partial sums [B, T, ...] on each tp rank -> this rank's slice [B, T/tp, ...] of their sum.
+
+    The collective reads block r of a [tp * B, T/tp, ...] buffer as the part that rank r receives. With B == 1 the
+    contiguous [1, T, ...] is that buffer ([tp, T/tp, ...]: the T-slices in rank order), so nothing is copied; with
+    B > 1 one movedim + reshape copy gathers each T-slice's batch rows together (see all_gather_seq for why).
+    gloo runs it too (internally an all-reduce that keeps this rank's slice, twice NCCL's traffic; checked on torch
+    2.13), so the CPU tests take the same path as the GPUs."""
+    B, T = x.shape[:2]
+    rest, t = x.shape[2:], T // dist.tp  # T % tp == 0: Config checks it (and the model, for each input)
+    if B == 1:
+        blocks = x.contiguous().view(dist.tp, t, *rest)  # [tp, T/tp, ...]
+    else:
+        blocks = x.reshape(B, dist.tp, t, *rest).movedim(1, 0).reshape(dist.tp * B, t, *rest)  # [tp * B, T/tp, ...]
+    out = x.new_empty((B, t, *rest))  # [B, T/tp, ...]
+    work = getattr(tdist, _SCATTER)(out, blocks, group=dist.tp_group, async_op=async_op)
+    pending = Pending(work, lambda: out)
     return pending if async_op else pending.wait()
 
 
@@ -236,7 +271,7 @@ class ReduceScatterToSequence(torch.autograd.Function):
 
 
 def f(x, dist):
-    """The textbook f. The layers run it fused with their matmul (ColumnParallelMatmul, which also holds the
+    """The textbook f. The layers run it fused with their matmul (ParallelMatmul, which also holds the
     sequence-parallel form); tests/mpi_tp_layers.py checks the fused form against this one."""
     return CopyToTP.apply(x, dist) if dist.tp > 1 else x
 
@@ -247,23 +282,33 @@ def g(x, dist, sequence_parallel=False):
     return ReduceScatterToSequence.apply(x, dist) if sequence_parallel else ReduceFromTP.apply(x, dist)
 
 
-class ColumnParallelMatmul(torch.autograd.Function):
-    """F.linear(f(x), weight, bias) as one autograd function, so that its backward can overlap communication with
-    computation (Megatron-LM's asynchronous tensor-parallel all-reduce): the input gradient is computed first and
-    its all-reduce (reduce-scatter, with sequence parallelism) travels while the weight gradient is computed.
-    Under sequence parallelism only the local slice of x is saved, and gathered again in backward while the input
-    gradient is computed. The same arithmetic as f then F.linear (tests/mpi_tp_layers.py compares them)."""
+class ParallelMatmul(torch.autograd.Function):
+    """F.linear(x, weight, bias) as one autograd function, with what tensor parallelism and mixed precision need
+    around it:
+      column=True   f before the matmul, fused with it, so that backward can overlap communication with
+                    computation (Megatron-LM's asynchronous tensor-parallel all-reduce): the input gradient is
+                    computed first and its all-reduce (reduce-scatter, with sequence parallelism) travels while the
+                    weight gradient is computed. Under sequence parallelism only the local slice of x is saved, and
+                    gathered again in backward while the input gradient is computed. The same arithmetic as f then
+                    F.linear (tests/mpi_tp_layers.py compares them).
+      main_grad     under master weights (mixed_precision.py) the weight gradient is added by the matmul itself
+                    into the fp32 weight.main_grad (Megatron's gradient accumulation fusion); autograd gets a
+                    placeholder. Only for weights marked fuse_wgrad: the tied embedding/head weight also gets the
+                    embedding's gradient, and a placeholder summed with it would be garbage."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dist, sequence_parallel):
+    def forward(ctx, x, weight, bias, dist, column, sequence_parallel):
         device_type, ctx.dtypes = x.device.type, (x.dtype, weight.dtype)
+        fuse = getattr(weight, "fuse_wgrad", False) and hasattr(weight, "main_grad")
+        ctx.param = weight if fuse else None
         if torch.is_autocast_enabled(device_type):  # what autocast does for F.linear, made explicit: the saved
             dtype = torch.get_autocast_dtype(device_type)  # tensors are the low-precision copies
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        ctx.dist, ctx.sp, ctx.has_bias = dist, sequence_parallel, bias is not None
+        ctx.dist, ctx.sp, ctx.has_bias = dist, column and sequence_parallel, bias is not None
+        ctx.comm = column and dist.tp > 1
         ctx.save_for_backward(x, weight)  # x: [B, T, C], or [B, T/tp, C] under sequence parallelism
-        full = all_gather_seq(x, dist) if sequence_parallel else x  # [B, T, C]
+        full = all_gather_seq(x, dist) if ctx.sp else x  # [B, T, C]
         with torch.autocast(device_type, enabled=False):
             return F.linear(full, weight, bias)  # [B, T, out/tp]
 
@@ -273,26 +318,40 @@ class ColumnParallelMatmul(torch.autograd.Function):
         gather = all_gather_seq(x, ctx.dist, async_op=True) if ctx.sp else None
         grad_x = grad @ weight  # [B, T, C]: this rank's partial input gradient
         full = gather.wait() if ctx.sp else x
-        reduce = (reduce_scatter_seq if ctx.sp else all_reduce)(grad_x.contiguous(), ctx.dist, async_op=True)
+        if ctx.comm:
+            reduce = (reduce_scatter_seq if ctx.sp else all_reduce)(grad_x.contiguous(), ctx.dist, async_op=True)
         # While the input gradient is summed over the tp group, the weight gradient is computed.
-        grad_w = grad.reshape(-1, grad.size(-1)).t() @ full.reshape(-1, full.size(-1))  # [out/tp, C]
-        grad_b = grad.reshape(-1, grad.size(-1)).sum(0) if ctx.has_bias else None
+        grad_2d, full_2d = grad.reshape(-1, grad.size(-1)), full.reshape(-1, full.size(-1))  # [N, out/tp], [N, C]
         x_dtype, w_dtype = ctx.dtypes  # gradients in the dtype of what came in, as autocast's cast would give
-        grad_b = grad_b.to(w_dtype) if grad_b is not None else None
-        return reduce.wait().to(x_dtype), grad_w.to(w_dtype), grad_b, None, None
+        if ctx.param is not None:
+            accumulate_wgrad(ctx.param.main_grad, grad_2d, full_2d)  # main_grad [out/tp, C] += grad^T full
+            ctx.param.grad_added_to_main_grad = True  # read by the hook that would otherwise add grad_w
+            grad_w = torch.empty_like(ctx.param)  # a placeholder: never read, freed by that hook
+        else:
+            grad_w = (grad_2d.t() @ full_2d).to(w_dtype)  # [out/tp, C]
+        grad_b = grad_2d.sum(0).to(w_dtype) if ctx.has_bias else None
+        grad_x = reduce.wait() if ctx.comm else grad_x
+        return grad_x.to(x_dtype), grad_w, grad_b, None, None, None
 
 
 def column_parallel_matmul(x, weight, bias, dist, sequence_parallel=False):
     """[B, T, C] replicated (or [B, T/tp, C] under sequence parallelism) -> [B, T, out/tp]."""
-    if dist.tp == 1:
+    if dist.tp == 1 and not hasattr(weight, "main_grad"):
         return F.linear(x, weight, bias)
-    return ColumnParallelMatmul.apply(x, weight, bias, dist, sequence_parallel)
+    return ParallelMatmul.apply(x, weight, bias, dist, True, sequence_parallel)
+
+
+def row_parallel_matmul(x, weight, dist):
+    """[B, T, in/tp] -> partial sums [B, T, out] (g sums them); no communication in the matmul itself."""
+    if not hasattr(weight, "main_grad"):
+        return F.linear(x, weight)
+    return ParallelMatmul.apply(x, weight, None, dist, False, False)
 
 
 def sync_sequence_parallel_grads(params, dist):
     """Under sequence parallelism the replicated parameters (LayerNorms, row-parallel biases, positions) see only
     this rank's T/tp tokens: their gradient is the sum over the tp group. Called after the last backward."""
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [grad_of(p) for p in params if getattr(p, "sequence_parallel", False) and grad_of(p) is not None]
     if dist.tp == 1 or not grads:
         return
     flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), dist)
@@ -323,7 +382,7 @@ def _sharded(shape, dim, dist):
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: A = [A_1 ... A_tp]; rank r computes Y_r = f(X) A_r + b_r.
     Input [B, T, C] replicated (sequence parallel: [B, T/tp, C]) -> output [B, T, out/tp], sharded (fed to a
-    RowParallelLinear, never gathered). f and the matmul run as one function: see ColumnParallelMatmul."""
+    RowParallelLinear, never gathered). f and the matmul run as one function: see ParallelMatmul."""
 
     def __init__(self, in_features, out_features, dist, sequence_parallel=False):
         super().__init__()
@@ -331,6 +390,7 @@ class ColumnParallelLinear(nn.Module):
             raise UserError(f"output size {out_features} is not divisible by tensor-parallel size {dist.tp}.")
         self.dist, self.sp = dist, sequence_parallel
         self.weight = _sharded((out_features, in_features), 0, dist)  # torch's [out, in] layout: split rows
+        self.weight.fuse_wgrad = True  # under master weights its gradient goes straight into main_grad
         self.bias = _sharded((out_features,), 0, dist)
 
     @torch.no_grad()
@@ -355,6 +415,7 @@ class RowParallelLinear(nn.Module):
             raise UserError(f"input size {in_features} is not divisible by tensor-parallel size {dist.tp}.")
         self.dist, self.sp = dist, sequence_parallel
         self.weight = _sharded((out_features, in_features), 1, dist)  # [out, in/tp]
+        self.weight.fuse_wgrad = True
         self.bias = nn.Parameter(torch.empty(out_features))  # replicated
 
     @torch.no_grad()
@@ -365,7 +426,8 @@ class RowParallelLinear(nn.Module):
             self.bias.zero_()
 
     def forward(self, x):
-        return g(F.linear(x, self.weight), self.dist, self.sp) + self.bias  # [B, T, in/tp] -> [B, T(/tp), out]
+        y = row_parallel_matmul(x, self.weight, self.dist)  # [B, T, in/tp] -> partial sums [B, T, out]
+        return g(y, self.dist, self.sp) + self.bias  # -> [B, T(/tp), out]
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -3,15 +3,22 @@
     python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--micro_batch 1] [--recompute full]
                     [--zero1 true] [--gpu_mem 80] [--mfu 0.45] [--tokens 1e9] [--json]
 
-Memory per GPU, as train.py holds it (mixed precision keeps fp32 master weights; autocast casts for the matmuls):
-    weights      4 bytes x parameters of this rank (sharded matrices / tp + replicated LayerNorms, biases, positions)
-    gradients    4 bytes x the same, alive through forward and backward (they are, under gradient accumulation)
+Time: tokens/s = GPUs x peak x MFU / FLOPs per token, with the MFU that bench/roofline.py projects for this layout
+on this GPU from the training step's own op stream (--mfu overrides it).
+
+Memory per GPU, as train.py holds it (in bf16/fp16, Megatron-style master weights: mixed_precision.py):
+    weights      4 bytes x parameters of this rank (sharded matrices / tp + replicated LayerNorms, biases, positions):
+                 the fp32 weights, or in bf16/fp16 the fp32 masters the optimizer updates
+    working      2 bytes x the same in bf16/fp16: the working weights the model computes with (0 in fp32)
+    gradients    4 bytes x the same (fp32 .grad, or main_grad), alive through forward and backward (they are,
+                 under gradient accumulation). The bf16 gradients of the parameters whose matmul does not add into
+                 main_grad itself (biases, LayerNorms, the tied embedding) live only until a hook adds them, at the
+                 end of backward where activations are freed: not counted
     optimizer    8 bytes x the same for AdamW's two moments, divided by dp with --zero1
-    casts        2 bytes x matmul weights in bf16/fp16: autocast's low-precision copies, kept for backward
     activations  what autograd saves, per layer (below) x layers, plus the final LayerNorm and the loss
-Activations per layer, for n = micro_batch x seq_len tokens, hidden h, FFN f, heads a, r = 4 bytes for the fp32
-residual stream and LayerNorm inputs, s = 2 (bf16/fp16) or 4 (fp32) for the rest:
-    none       n * (2r h + 2s h + 5s h/tp + 2s f/tp) + 4 n a/tp     LayerNorm inputs, their casts for the two column-
+Activations per layer, for n = micro_batch x seq_len tokens, hidden h, FFN f, heads a, s = 2 (bf16/fp16) or 4 (fp32)
+bytes per element, r = s for the residual stream and LayerNorm inputs (the model runs in its working dtype):
+    none       n * (2r h + 2s h + 5s h/tp + 2s f/tp) + 4 n a/tp     LayerNorm inputs, their outputs for the two column-
                parallel matmuls, q k v, attention output and its reshaped copy, the MLP's two f-wide tensors,
                flash attention's log-sum-exp (+ 2 n h one-byte dropout masks when dropout > 0)
     selective  none - n (s h/tp + 4 a/tp): core attention is recomputed, its output and log-sum-exp not kept.
@@ -28,6 +35,8 @@ tp = 2 with and without sequence parallelism under mpiexec (tests/mpi_plan.py), 
 plan assumes flash attention (GPU); CPU attention with dropout stores T x T probabilities the plan leaves out.
 """
 import json
+import os
+import sys
 
 from errors import UserError
 from model import flops_per_token, make_config
@@ -62,14 +71,15 @@ def params_per_rank(cfg, tp):
 def activation_bytes(cfg, micro_batch, tp, dtype, recompute):
     """(bytes saved for backward per layer as stored, bytes of the whole model's activations) on one rank."""
     n, h, f, a = micro_batch * cfg.seq_len, cfg.n_embd, cfg.ffn_hidden, cfg.n_head
-    r, s = 4, (4 if dtype == "fp32" else 2)
+    s = 4 if dtype == "fp32" else 2
+    r = s
     q = tp if cfg.sp else 1  # outside the matmuls: every token (q = 1) or T/tp of them (q = tp)
     layer = n * ((2 * r * h + 2 * s * h) // q + 5 * s * h // tp + 2 * s * f // tp) + 4 * n * a // tp
     if cfg.dropout > 0:
         layer += 2 * n * h // q
     if recompute == "selective":
         layer -= n * s * h // tp + 4 * n * a // tp
-    head = n * (r * h + s * h) // q  # final LayerNorm input and its cast for the tied head
+    head = n * (r * h + s * h) // q  # final LayerNorm input and output (the tied head saves it)
     # tp = 1, F.cross_entropy: log-probabilities and two gradients of their size in backward; tp > 1, the vocab-
     # parallel one (parallel.py): its softmax, computed in place, and one gradient (measured by tests/mpi_plan.py)
     loss = (3 if tp == 1 else 2) * 4 * n * cfg.vocab_size // tp
@@ -81,10 +91,10 @@ def activation_bytes(cfg, micro_batch, tp, dtype, recompute):
 
 def estimate(cfg, tp=1, dp=1, dtype="bf16"):
     """Bytes per GPU of each part, FLOPs per token, and the parameter count per rank."""
-    n_rank, n_matmul = params_per_rank(cfg, tp)
+    n_rank, _ = params_per_rank(cfg, tp)
     per_layer, act = activation_bytes(cfg, cfg.micro_batch, tp, dtype, cfg.recompute)
-    parts = dict(weights=4 * n_rank, gradients=4 * n_rank, optimizer=8 * n_rank // (dp if cfg.zero1 else 1),
-                 casts=0 if dtype == "fp32" else 2 * n_matmul, activations=act)
+    parts = dict(weights=4 * n_rank, working=0 if dtype == "fp32" else 2 * n_rank, gradients=4 * n_rank,
+                 optimizer=8 * n_rank // (dp if cfg.zero1 else 1), activations=act)
     return dict(params_per_rank=n_rank, bytes=parts, total_bytes=sum(parts.values()), layer_bytes=per_layer,
                 flops_per_token=flops_per_token(cfg))
 
@@ -94,7 +104,24 @@ def lookup(table, gpu):
     return next((value for key, value in table if key.lower() in gpu.lower()), None)
 
 
-def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, tokens=1e9, as_json=False):
+ASSUMED_MFU = 0.45  # the time estimate's MFU for a GPU that bench/roofline.py's table lacks (e.g. L40S)
+
+
+def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
+    """(MFU, where it comes from): bench/roofline.py's projection of this layout's training step on this GPU, priced
+    from the code's own op stream (a few seconds for yuan-4.7b), or ASSUMED_MFU where its table lacks the GPU."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    import roofline  # not at the top: bench/roofline.py imports train.py, which imports this file
+    key = roofline.gpu_key(gpu)
+    if key is None or dtype not in roofline.GPUS[key]:
+        return ASSUMED_MFU, f"assumed; bench/roofline.py has no {dtype} figures for {gpu}"
+    cfg = make_config(preset, **overrides)
+    accum = max(1, round(cfg.batch_tokens / (cfg.micro_batch * cfg.seq_len * dp)))
+    r = roofline.project(preset, {**overrides, "dtype": dtype}, key, tp, dp, accum=accum)
+    return r["mfu"], f"projected by bench/roofline.py for {key}, {r['assumes'].split(':')[0]} kernels"
+
+
+def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, tokens=1e9, as_json=False):
     cfg = make_config(preset, **overrides)
     tp = cfg.tp
     gpus = tp if gpus is None else gpus
@@ -106,12 +133,13 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, token
     peak = cfg.peak_tflops or (lookup(PEAK_TFLOPS, gpu) or {}).get(dtype)
     e = estimate(cfg, tp, dp, dtype)
     total_gb = e["total_bytes"] / 1e9
+    mfu, mfu_source = (mfu, "given") if mfu else projected_mfu(preset, overrides, gpu, tp, dp, dtype)
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak else None
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
                   seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
                   sequence_parallel=cfg.sp, **e,
                   gpu_mem_gb=mem_gb, fits=None if mem_gb is None else total_gb + SLACK_GB <= mem_gb,
-                  peak_tflops=peak, mfu=mfu, tokens_per_s=tok_s, tokens=tokens,
+                  peak_tflops=peak, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tok_s, tokens=tokens,
                   hours=tokens / tok_s / 3600 if tok_s else None)
     if as_json:
         print(json.dumps(result, indent=1))
@@ -126,7 +154,7 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, token
     print(f"  gradients      {gb(b['gradients'])}   fp32")
     print(f"  optimizer      {gb(b['optimizer'])}   AdamW moments, fp32" + (f", sharded over dp {dp}" if cfg.zero1
                                                                              else ""))
-    print(f"  casts          {gb(b['casts'])}   {dtype} copies of the matmul weights (autocast)")
+    print(f"  working        {gb(b['working'])}   {dtype} working weights (the masters are the fp32 weights above)")
     print(f"  activations    {gb(b['activations'])}   {e['layer_bytes'] / 1e6:,.0f} MB per layer as stored x "
           f"{cfg.n_layer}, plus LayerNorm, head and loss")
     fit = "" if mem_gb is None else (f" of {mem_gb} GB: fits, {mem_gb - total_gb:.1f} GB free" if result["fits"]
@@ -135,8 +163,8 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=0.45, token
     print(f"model FLOPs per token {e['flops_per_token'] / 1e9:.2f} G" + (" (recompute adds ~1/3 more hardware work)"
                                                                         if cfg.recompute == "full" else ""))
     if tok_s:
-        print(f"at {mfu:.0%} MFU of {peak:g} TFLOP/s per GPU: {tok_s:,.0f} tokens/s; {tokens:.3g} tokens in "
-              f"{result['hours']:.1f} h")
+        print(f"at {mfu:.1%} MFU ({mfu_source}) of {peak:g} TFLOP/s per GPU: {tok_s:,.0f} tokens/s; "
+              f"{tokens:.3g} tokens in {result['hours']:.1f} h")
     else:
         print(f"no peak FLOP/s known for {gpu} in {dtype}: pass --peak_tflops for the time estimate")
     return result

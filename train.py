@@ -6,6 +6,7 @@ config -> data -> model -> optimizer -> loop (lr, micro-batches, clip, step, log
 
 Every Config field (see model.py) can be overridden as --FIELD VALUE (dashes or underscores).
 """
+import contextlib
 import difflib
 import inspect
 import json
@@ -23,10 +24,12 @@ from tqdm import tqdm
 from data import Batches
 from errors import UserError
 from model import MODEL_FIELDS, PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
-from data_parallel import GradReducer, ZeroAdamW, adamw, clip_grad_norm
+from data_parallel import GradReducer, MasterAdamW, ZeroAdamW, adamw, clip_grad_norm
+from mixed_precision import fp32_state_dict, grad_of, load_fp32_state_dict, use_master_weights
 from parallel import init_distributed, run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
 
 
@@ -122,7 +125,7 @@ class LossScaler:
     def unscale_and_clip(self, params, max_norm, dist):
         """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken).
         The norm is the same on every rank, so every rank takes the same decision."""
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [grad_of(p) for p in params if grad_of(p) is not None]
         if self.scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / self.scale)
         norm = clip_grad_norm(params, max_norm, dist)
@@ -169,13 +172,15 @@ def resolve_dtype(cfg, device):
         if device.type == "cuda":
             cfg.dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            cfg.dtype = "fp32"  # CPU autocast to bf16 is slower than fp32 on most CPUs
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+            cfg.dtype = "fp32"  # bf16 matmuls are slower than fp32 on most CPUs
+    return DTYPES[cfg.dtype]
 
 
 def precision(cfg, device):
-    """The context every forward runs in: autocast to cfg.dtype (fp32: a no-op). Call resolve_dtype first."""
-    return torch.autocast(device.type, dtype=resolve_dtype(cfg, device), enabled=cfg.dtype != "fp32")
+    """The context every forward runs in. Nothing to cast: under bf16/fp16 the model's own parameters are in that
+    dtype (master weights, mixed_precision.py), and in fp32 everything is fp32. Kept so that a benchmark or a test
+    can run a step exactly as the loop does."""
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -183,14 +188,29 @@ def precision(cfg, device):
 
 
 def build(cfg, dist):
-    """(model, optimizer, gradient reducer, parameters to clip). AdamW decays matrices and embeddings, not biases or
-    LayerNorm gains. With --zero1 one object is both optimizer and reducer: its moments are sharded over dp and
-    gradients are reduce-scattered during the last backward (data_parallel.py)."""
+    """(model, optimizer, gradient reducer, parameters to clip). cfg.dtype must be resolved (resolve_dtype): in
+    bf16/fp16 the model holds working weights in that dtype and the optimizer fp32 masters (mixed_precision.py).
+    AdamW decays matrices and embeddings, not biases or LayerNorm gains. With --zero1 one object is both optimizer
+    and reducer: its moments are sharded over dp and gradients are reduce-scattered during the last backward
+    (data_parallel.py)."""
     torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
     dist.rng.seed(cfg.seed)
     model = Yuan(cfg, dist).to(dist.device)
-    if cfg.compile:  # each block compiled in place: parameter names, and so checkpoints, do not change. Shapes
-        for block in model.blocks:  # are fixed (micro_batch x seq_len), so no dynamic-shape kernels
+    master = cfg.dtype in ("bf16", "fp16")
+    if master:  # before the reducers: its gradient hook must run before theirs
+        use_master_weights(model, DTYPES[cfg.dtype])
+    # --compile: in place, so parameter names, and so checkpoints, do not change; fixed shapes (micro_batch x seq_len),
+    # so no dynamic-shape kernels. The whole model where dynamo can take its forward as one graph, so that the
+    # embedding, final LayerNorm, head and loss are compiled too. Elsewhere each block: at tp > 1 the collectives
+    # inside the autograd Functions, and under --recompute the checkpoint's generator state, break the graph inside
+    # the loop over blocks; dynamo then gives up on the model's forward and compiles only what it calls, frame by
+    # frame (torch 2.13, TORCH_LOGS=graph_breaks), which is less tested than compiling the blocks. So does bf16/fp16:
+    # the matmuls add into main_grad, a tensor from outside the graph, in their backward. The whole-model graph
+    # unrolls the blocks, so its first step compiles longer as n_layer grows.
+    if cfg.compile and dist.tp == 1 and cfg.recompute == "none" and not master:
+        model.compile(dynamic=False)
+    elif cfg.compile:
+        for block in model.blocks:
             block.compile(dynamic=False)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -198,7 +218,8 @@ def build(cfg, dist):
     if cfg.zero1:
         opt = ZeroAdamW(groups, dist, cfg.bucket_mb, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
         return model, opt, opt, opt.shards
-    opt = adamw(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    hyper = dict(lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = MasterAdamW(groups, **hyper) if master else adamw(groups, **hyper)
     return model, opt, GradReducer(params, dist, cfg.bucket_mb), params
 
 
@@ -257,7 +278,7 @@ def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist):
     if dist.dp_rank != 0:
         return
     # The data position is (seed, step): Batches reads step s from the permuted epochs that (seed, s) determine.
-    state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": model.state_dict(),
+    state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": fp32_state_dict(model),
              "data_position": {"seed": cfg.seed, "next_step": step + 1},
              "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
              "optimizer": opt_state, "scaler": scaler.state_dict(),
@@ -354,7 +375,7 @@ def plan_from_args(opts, flags, overrides):
     if mfu is not None and not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu} is a fraction of the peak, in (0, 1].")
     return plan(opts["preset"], overrides, gpus=int(gpus) if gpus is not None else None, gpu=opts["gpu"] or "H100",
-                gpu_mem=mem, mfu=mfu or 0.45, tokens=tokens or 1e9, as_json=flags["json"])
+                gpu_mem=mem, mfu=mfu, tokens=tokens or 1e9, as_json=flags["json"])
 
 
 def train(argv):
@@ -377,7 +398,7 @@ def train(argv):
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
     grad_accum = cfg.batch_tokens // tokens_per_micro
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
-                   accum=grad_accum)
+                   accum=grad_accum, pin_memory=device.type == "cuda")  # pinned: train_step's copies overlap
     tokenizer = data.tokenizer
     if "vocab_size" not in overrides:
         cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
@@ -400,7 +421,7 @@ def train(argv):
         path = list(checkpoints(out, dist.tp, dist.tp_rank).values())[-1]
         ckpt = load_checkpoint(path)
         check_compatible(ckpt, cfg, tokenizer, path)
-        model.load_state_dict(ckpt["model"])
+        load_fp32_state_dict(model, ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -429,7 +450,7 @@ def train(argv):
                 f"tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches x {dist.dp} dp")
     features = [name for name, on in (("sequence parallel", cfg.sp),
                                       (f"recompute {cfg.recompute}", cfg.recompute != "none"), ("ZeRO-1", cfg.zero1),
-                                      ("compiled blocks", cfg.compile)) if on]
+                                      ("compiled", cfg.compile)) if on]
     if features:
         dist.print0("with " + ", ".join(features))
     if cfg.sequence_parallel and dist.tp == 1:

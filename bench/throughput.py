@@ -8,7 +8,9 @@ model is measured, not the data path (that is bench/data_bench.py).
 
 Any Config field takes a comma-separated list of values and the grid is the product of the lists; --tp is one
 number (the launch fixes it: dp = ranks / tp). --steps timed steps follow --warmup untimed ones; --accum micro-batches
-per step (default 1); --json FILE appends one JSON line per setting. MFU = model FLOPs per token (model.py,
+per step (default 4: training accumulates many, and a step of one micro-batch would weigh the once-per-step work,
+gradient reduction, clipping and AdamW, as if it came with every micro-batch; --accum 1 times exactly that worst
+case); --json FILE appends one JSON line per setting. MFU = model FLOPs per token (model.py,
 flops_per_token: 6 per weight plus attention, recomputation not counted) x tokens/s / (peak x GPUs). Peak memory is
 torch.cuda.max_memory_allocated on a GPU, beside plan.py's estimate for the same setting; on a CPU, the process's
 resident high-water mark (it only grows across the grid). A setting that runs out of GPU memory reads OOM.
@@ -32,7 +34,7 @@ from parallel import init_distributed, run_or_abort  # noqa: E402
 from plan import estimate  # noqa: E402
 from train import LossScaler, build, parse_bool, peak_flops, precision, resolve_dtype, train_step  # noqa: E402
 
-BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 1, "json": ""}
+BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 4, "json": ""}
 
 
 def parse(argv):
@@ -123,8 +125,9 @@ def main():
     name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads per rank)"
     memory = "allocated by torch" if dist.device.type == "cuda" else "the process's resident high-water mark"
-    dist.print0(f"{name}, torch {torch.__version__}, {dist.world} rank(s); median of {opts['steps']} steps after "
-                f"{opts['warmup']} warm-up; peak GB = {memory}, plan GB = plan.py's estimate\n"
+    dist.print0(f"{name}, torch {torch.__version__}, {dist.world} rank(s); median of {opts['steps']} steps of "
+                f"{opts['accum']} micro-batches after {opts['warmup']} warm-up; peak GB = {memory}, plan GB = "
+                f"plan.py's estimate\n"
                 f"{'setting':<55} {'micro x T':<11} {'tokens/s':>10} {'MFU':>6} {'peak GB':>7} {'plan GB':>7} "
                 f"{'step s':>8}")
     keys = list(grid)

@@ -6,8 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from model import Yuan
-from parallel import sync_sequence_parallel_grads
+from parallel import Dist
+from train import LossScaler, build, precision, train_step
 
 
 class LiveBytes(TorchDispatchMode):
@@ -36,22 +36,17 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def measured_peak(cfg, autocast_dtype=None, steps=2, accum=2, dist=None):
+def measured_peak(cfg, steps=2, accum=2, dist=None):
     """Peak bytes alive during the last of `steps` optimizer steps of `accum` micro-batches each, counting the model,
-    AdamW and everything autograd keeps (the loop of train.py: forward, backward, step, zero_grad)."""
+    the optimizer and everything autograd keeps: train.build and train.train_step, as the loop runs them, in
+    cfg.dtype (bf16/fp16: working weights, fp32 masters and main gradients)."""
+    dist = dist or Dist()
     torch.manual_seed(0)
     with LiveBytes() as mem:
-        model = Yuan(cfg, dist)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model, opt, reducer, clip_params = build(cfg, dist)
+        scaler = LossScaler(enabled=cfg.dtype == "fp16")
         for _ in range(steps):
             mem.peak = mem.live
-            for _ in range(accum):
-                x = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len))
-                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                    loss = model(x, x)[1]
-                loss.backward()
-            if dist is not None:
-                sync_sequence_parallel_grads(list(model.parameters()), dist)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            batch = lambda micro: (torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len)),) * 2  # noqa: E731
+            train_step(model, opt, reducer, scaler, clip_params, accum, precision(cfg, dist.device), cfg, dist, batch)
     return mem.peak

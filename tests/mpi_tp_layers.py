@@ -1,6 +1,10 @@
 """Run under mpiexec by tests/test_parallel.py: each tensor-parallel layer against the unsharded computation,
 forward and every gradient, with co-prime sizes (13, 17, 7 x tp) so a transposed or mis-sliced shard fails; the
-same with sequence parallelism; the whole model with and without sequence parallelism."""
+same with sequence parallelism; the whole model with and without sequence parallelism. First the two
+sequence-parallel collectives on their own.
+
+    mpiexec -n 2 python tests/mpi_tp_layers.py TP [cpu|cuda]     (cpu, gloo, by default; cuda: NCCL, one GPU a rank)
+"""
 import os
 import sys
 
@@ -9,10 +13,13 @@ import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import model as model_py  # noqa: E402
+import parallel  # noqa: E402
 from model import Config, Yuan  # noqa: E402
 
-from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, f, full_normal,  # noqa: E402
-                      init_distributed, run_or_abort, sync_sequence_parallel_grads, vocab_parallel_cross_entropy)
+from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, all_gather_seq,  # noqa: E402
+                      f, init_distributed, reduce_scatter_seq, run_or_abort,
+                      sync_sequence_parallel_grads, vocab_parallel_cross_entropy)
 
 
 def close(name, a, b, rtol=1e-5, atol=1e-6):
@@ -28,11 +35,50 @@ def report(dist, line):
         print("\n".join(lines), flush=True)
 
 
+def on_gpu(dist):
+    """Make every tensor below a GPU tensor without editing each line: the default device becomes the rank's GPU,
+    and the full weights are still drawn from full_normal's CPU generator (the same numbers as on the CPU), then
+    copied over. Both modules that call full_normal see the wrapper."""
+    torch.set_default_device(dist.device)
+    cpu_full_normal = parallel.full_normal
+
+    def full_normal_on_gpu(shape, std, seed):
+        with torch.device("cpu"):
+            return cpu_full_normal(shape, std, seed).to(dist.device)
+
+    parallel.full_normal = model_py.full_normal = full_normal_on_gpu
+    return full_normal_on_gpu
+
+
+def check_collectives(dist):
+    """all_gather_seq and reduce_scatter_seq against torch.cat / chunk of an all-reduced tensor, synchronous and
+    asynchronous: B = 1 (the copy-free path, yuan-4.7b's micro-batch) and B = 3 (the path with one copy), T = 5 tp,
+    width 7, and a non-contiguous input to the reduce-scatter."""
+    tp, r = dist.tp, dist.tp_rank
+    for B in (1, 3):
+        full = torch.randn(B, 5 * tp, 7)  # the same on every rank
+        partial = torch.randn(B, 7, 5 * tp).transpose(1, 2) * (r + 1) + r  # [B, T, 7], different on every rank
+        total = partial.contiguous()
+        tdist.all_reduce(total, group=dist.tp_group)  # the reference sum, sliced below
+        for async_op in (False, True):
+            got = all_gather_seq(full.chunk(tp, dim=1)[r].contiguous(), dist, async_op=async_op)
+            got = got.wait() if async_op else got
+            assert got.shape == (B, 5 * tp, 7), got.shape
+            close(f"all_gather_seq B={B} async={async_op}", got, torch.cat(full.chunk(tp, dim=1), dim=1))
+            got = reduce_scatter_seq(partial, dist, async_op=async_op)
+            got = got.wait() if async_op else got
+            assert got.shape == (B, 5, 7), got.shape
+            close(f"reduce_scatter_seq B={B} async={async_op}", got, total.chunk(tp, dim=1)[r])
+
+
 def main():
-    dist = init_distributed(tp=int(sys.argv[1]), device="cpu")
+    device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+    dist = init_distributed(tp=int(sys.argv[1]), device=device)
+    full_normal = on_gpu(dist) if dist.device.type == "cuda" else parallel.full_normal
     tp, r = dist.tp, dist.tp_rank
     mine = lambda t, dim: t.chunk(tp, dim=dim)[r]  # noqa: E731
     torch.manual_seed(0)  # the same inputs on every rank
+    check_collectives(dist)
 
     # Column-parallel: [3, 13] -> [3, 7 tp], sharded output.
     x = torch.randn(3, 13, requires_grad=True)
@@ -113,7 +159,7 @@ def main():
     col = ColumnParallelLinear(13, 7 * tp, dist)
     col.reset_parameters(0.02, seed=1)
     w_ref, b_ref = (t.detach().clone().requires_grad_() for t in (col.weight, col.bias))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(dist.device.type, dtype=torch.bfloat16):
         y, y_ref = col(x), F.linear(f(x, dist), w_ref, b_ref)
     (y.float() * w_out).sum().backward()
     x_grad, x.grad = x.grad, None
@@ -161,7 +207,8 @@ def main():
     close("sequence-parallel model loss", grads[1][0], grads[0][0])
     for name, grad in grads[0][1].items():
         close(f"sequence-parallel model grad {name}", grads[1][1][name], grad)
-    report(dist, f"rank {dist.rank} (tp_rank {r}, dp_rank {dist.dp_rank}): all tensor-parallel layers match")
+    report(dist, f"rank {dist.rank} (tp_rank {r}, dp_rank {dist.dp_rank}): all tensor-parallel layers match "
+                 f"({tdist.get_backend()})")
 
 
 if __name__ == "__main__":

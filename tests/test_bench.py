@@ -13,6 +13,7 @@ def test_throughput_grid(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["recompute"] for r in rows] == ["none", "full"] and all(r["tokens_per_s"] > 0 for r in rows)
     assert proc.stdout.count("tiny ") == 2 and "tokens/s" in proc.stdout
+    assert all(r["accum"] == 4 for r in rows) and "steps of 4 micro-batches" in proc.stdout  # the default
 
 
 def test_throughput_errors_say_what_is_valid():

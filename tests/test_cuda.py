@@ -25,3 +25,17 @@ def test_cuda_fp32_matches_cpu(prepared, tmp_path):
         run("train.py", *SMALL, "--data", prepared, "--out", tmp_path / device, "--device", device, "--max_steps", 3)
     cpu, gpu = ([r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("cpu", "cuda"))
     assert gpu == pytest.approx(cpu, rel=1e-4)
+
+
+def test_fused_weight_gradient_accumulation():
+    """mixed_precision.accumulate_wgrad on CUDA: the weight gradient added into the fp32 main_grad by one GEMM with an
+    fp32 output (torch.addmm out_dtype), equal to the unfused fp32 arithmetic; if this torch has no such kernel the
+    unfused branch ran, and the test says so."""
+    from mixed_precision import _FUSED, accumulate_wgrad
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grad, x = (torch.randn(4096, n, device="cuda", generator=gen).to(torch.bfloat16) for n in (768, 1024))
+    main = torch.randn(768, 1024, device="cuda", generator=gen)
+    want = main + grad.float().t() @ x.float()
+    accumulate_wgrad(main, grad, x)
+    assert _FUSED[("cuda", torch.Tensor)], "torch.addmm(out_dtype=float32) is missing here: the unfused branch ran"
+    assert torch.allclose(main, want, rtol=1e-4, atol=1e-3)

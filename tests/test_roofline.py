@@ -1,0 +1,125 @@
+"""bench/roofline.py: the recorded FLOPs and bytes of a tiny step against hand-computed values, the categories
+against the total, the collectives of a tp 2 and a dp 2 fake layout, and the refusals of bad options."""
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run
+from errors import UserError
+from model import count_params, flops_per_token, make_config
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import roofline  # noqa: E402
+
+# One layer with sizes that share no factor by accident: h = 3 heads x 16, FFN 80, T = 24, V = 256, B = 2.
+B, T, H, NH, F, V = 2, 24, 48, 3, 80, 256
+TINY = dict(n_layer=1, n_head=NH, n_embd=H, ffn_hidden=F, seq_len=T, vocab_size=V, micro_batch=B, dtype="fp32")
+
+
+def project(accum=2, tp=1, dp=1, **extra):
+    ops = []
+    r = roofline.project("tiny", {**TINY, **extra}, "H100", tp=tp, dp=dp, accum=accum, ops_out=ops)
+    return r, ops
+
+
+def test_flops_and_bytes_by_hand():
+    r, ops = project(accum=2)
+    m = B * T  # tokens per micro-batch
+    forward = 2 * m * (H * 3 * H + H * H + H * F + F * H + H * V)  # qkv, proj, fc, proj, tied head
+    matmul = sum(op["flops"] for op in ops if op["cat"] == "matmul")
+    assert matmul == 2 * 3 * forward  # two micro-batches; backward = input and weight gradients = 2 x forward
+    attention = sum(op["flops"] for op in ops if op["cat"] == "attention")
+    assert attention == 2 * (4 + 8) * B * NH * T * T * (H // NH)
+    assert matmul + attention == r["step_flops_per_rank"] == flops_per_token(make_config("tiny", **TINY)) * 2 * m
+    first = {op["name"]: op for op in reversed(ops) if op["phase"] == 0 and not op["backward"]}  # first of each
+    assert first["embedding"]["bytes"] == 8 * B * T + 2 * 4 * B * T * H  # ids, the rows read, the rows written
+    assert first["native_layer_norm"]["bytes"] == 4 * (2 * B * T * H + 2 * H + 2 * B * T)  # x, w, b -> y, mean, rstd
+    assert first["gelu"]["bytes"] == 2 * 4 * B * T * F
+    head = [op for op in ops if op["name"] == "mm" and op["shapes"] == str([[m, H], [H, V]])]
+    assert len(head) == 2 and head[0]["bytes"] == 4 * (m * H + H * V + m * V)
+    assert not [op for op in ops if op["name"] in ("view", "t", "transpose", "_unsafe_view", "detach")]
+    # the last micro-batch adds every parameter's gradient into its accumulator (.grad or main_grad) exactly once:
+    # by an add (category grad_accum) or by a weight-gradient GEMM writing into main_grad (category matmul)
+    n = count_params(make_config("tiny", **TINY))
+    assert sum(op.get("accumulates", 0) for op in ops if op["phase"] == 1) == n
+    adds = [op for op in ops if op["cat"] == "grad_accum"]
+    assert adds and all(op["name"] in ("add_", "add") and op["backward"] for op in adds)
+    if all(op["phase"] == 1 for op in adds):  # fp32 .grad += fp32 gradient, all of them: read two, write one
+        assert sum(op["bytes"] for op in adds) == 3 * 4 * n
+
+
+def test_categories_sum_to_the_step_and_micro_batches_extrapolate():
+    r2, _ = project(accum=2)
+    r5, _ = project(accum=5)  # records first, middle, last; the middle one stands for three
+    for r in (r2, r5):
+        assert sum(r["seconds_by_category"].values()) == pytest.approx(r["step_s"], rel=1e-12)
+        assert r["seconds_by_category"]["grad_accum"] > 0 and r["seconds_by_category"]["optimizer"] > 0
+    assert r5["recorded_micro_batches"] == 3
+    assert r5["step_flops_per_rank"] == pytest.approx(2.5 * r2["step_flops_per_rank"], rel=1e-12)
+    once = r2["step_s"] - 2 * r2["micro_batch_s"]  # clipping and AdamW, whatever the number of micro-batches
+    assert r5["step_s"] == pytest.approx(once + 5 * r2["micro_batch_s"], rel=1e-9)
+
+
+def test_tp2_collectives():
+    r, ops = project(accum=2, tp=2, n_head=6)  # 3 heads per rank
+    comm = [op for op in ops if op["cat"] == "communication"]
+    assert {op["name"] for op in comm} == {"allreduce_"} and {op["group"] for op in comm} == {"tp"}
+    act = 4 * B * T * H  # one fp32 [B, T, h] activation
+    for micro in (0, 1):
+        fwd = sorted(op["bytes"] for op in comm if op["phase"] == micro and not op["backward"])
+        # embedding, attention and MLP row-parallel outputs; the loss's max, target logit and sum of exp per token
+        assert fwd == [4 * B * T] * 3 + [act] * 3
+        bwd = [op for op in comm if op["phase"] == micro and op["backward"]]
+        # the input gradients of the column-parallel qkv, fc and tied head, asynchronous
+        assert sorted(op["bytes"] for op in bwd) == [act] * 3 and all(op["async_op"] for op in bwd)
+        assert all(op["ring_bytes"] == op["bytes"] for op in bwd)  # 2 (n - 1) / n = 1 at n = 2
+        assert all(op["exposed"] <= op["s"] for op in bwd)
+    assert [op["bytes"] for op in comm if op["phase"] == "step"] == [4]  # clipping: the sharded squared norm
+    assert r["step_flops_per_rank"] * 2 == flops_per_token(make_config("tiny", **TINY)) * 2 * B * T
+
+
+@pytest.mark.parametrize("zero1", [False, True])
+def test_dp2_gradient_reduction(zero1):
+    _, ops = project(accum=2, dp=2, zero1=zero1)
+    comm = [op for op in ops if op["cat"] == "communication"]
+    assert {op["group"] for op in comm} == {"dp"} and all(op["phase"] in (1, "step") for op in comm)
+    n = count_params(make_config("tiny", **TINY))
+    during = [op for op in comm if op["phase"] == 1]
+    assert all(op["backward"] for op in during)
+    if zero1:  # reduce-scatter during backward, all-gather after AdamW: flat buffers padded to a multiple of dp
+        assert {op["name"] for op in during} == {"_reduce_scatter_base_"}
+        gathered = [op for op in comm if op["phase"] == "step" and op["name"] == "_allgather_base_"]
+        assert sum(op["bytes"] for op in during) == sum(op["bytes"] for op in gathered) >= 4 * n
+    else:  # every fp32 gradient once, in buckets
+        assert {op["name"] for op in during} == {"allreduce_"} and sum(op["bytes"] for op in during) == 4 * n
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(UserError, match="Known: H100, H200"):
+        roofline.project("tiny", TINY, "B200")
+    with pytest.raises(UserError, match="no bf16"):
+        roofline.project("tiny", {**TINY, "dtype": "bf16"}, "V100-32GB")
+    for args, message in [(["--gpu", "TPU"], "unknown --gpu"), (["--n_layers", "2"], "unknown option --n_layers"),
+                          (["--gpus", "6", "--tp", "4"], "--gpus 6 must equal"), (["--accum", "two"], "cannot read")]:
+        proc = run("bench/roofline.py", "--preset", "tiny", *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bf16_every_gemm_in_bf16_and_every_gradient_accumulated():
+    """In bf16, whatever the mixed-precision scheme (autocast over fp32 weights, or bf16 working weights with fp32
+    main_grad filled by the weight-gradient GEMM), the GEMMs run on bf16 operands and the FLOPs stay the model's."""
+    r, ops = project(accum=2, dtype="bf16")
+    gemms = [op for op in ops if op["cat"] == "matmul"]
+    assert {op["dtype"] for op in gemms} == {roofline.torch.bfloat16}
+    assert r["step_flops_per_rank"] == flops_per_token(make_config("tiny", **TINY)) * 2 * B * T
+    assert sum(op.get("accumulates", 0) for op in ops if op["phase"] == 1) == count_params(make_config("tiny", **TINY))
+
+
+def test_compile_prices_fused_runs():
+    eager, _ = project(accum=2)
+    fused, ops = project(accum=2, compile=True)
+    assert fused["step_flops_per_rank"] == eager["step_flops_per_rank"] and fused["compile"]
+    runs = [op for op in ops if op["name"].startswith("fused(") and "+" in op["name"]]
+    assert runs and fused["assumes"].startswith("fused")
+    assert fused["bytes_per_token_outside_matmul_attention"] < 0.8 * eager["bytes_per_token_outside_matmul_attention"]
