@@ -10,7 +10,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from mixed_precision import grad_of
-from parallel import Pending, all_reduce, sync_sequence_parallel_grads
+from parallel import Pending, all_reduce, gather_into, scatter_sum_into, sync_sequence_parallel_grads
 
 
 def adamw(groups, **hyper):
@@ -170,7 +170,6 @@ class ZeroAdamW:
                     shard_groups.append({"params": [self.flats[-1]["shard"]], "weight_decay": group["weight_decay"]})
         self.inner = adamw(shard_groups, **hyper)
         self.param_groups, self.shards = self.inner.param_groups, [f["shard"] for f in self.flats]
-        self.nccl = dist.dp > 1 and tdist.get_backend(dist.dp_group) == "nccl"
         self.ready = [0] * len(self.flats)
         for b, f in enumerate(self.flats):
             for p in f["params"]:
@@ -210,7 +209,7 @@ class ZeroAdamW:
 
     def _launch(self, b):
         """Start the reduce-scatter of bucket b's flat gradient; the full gradients are then no longer needed."""
-        f, D, d = self.flats[b], self.dist.dp, self.dist.dp_rank
+        f, D = self.flats[b], self.dist.dp
         flat = torch.zeros_like(f["flat"])
         for p, o in zip(f["params"], f["offsets"]):
             if grad_of(p) is not None:
@@ -222,13 +221,10 @@ class ZeroAdamW:
         size = flat.numel() // D
         if D == 1:
             self.pending[b] = Pending(None, lambda: flat)
-        elif self.nccl:
+        else:
             mine = torch.empty(size, device=flat.device)
-            work = tdist.reduce_scatter_tensor(mine, flat, group=self.dist.dp_group, async_op=True)
+            work = scatter_sum_into(mine, flat, self.dist.dp_group, async_op=True)
             self.pending[b] = Pending(work, lambda: mine)
-        else:  # gloo has no reduce-scatter: all-reduce, keep our slice (same result, twice the traffic)
-            work = tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)
-            self.pending[b] = Pending(work, lambda: flat[d * size:(d + 1) * size])
 
     def start(self):
         """Call before the backward of the last micro-batch (GradReducer's interface)."""
@@ -249,13 +245,7 @@ class ZeroAdamW:
         if self.dist.dp > 1:  # every bucket's all-gather in flight at once, then wait for them
             works = []
             for f in self.flats:
-                mine = f["shard"].detach().clone()
-                if self.nccl:
-                    works.append(tdist.all_gather_into_tensor(f["flat"], mine, group=self.dist.dp_group,
-                                                              async_op=True))
-                else:
-                    works.append(tdist.all_gather(list(f["flat"].chunk(self.dist.dp)), mine,
-                                                  group=self.dist.dp_group, async_op=True))
+                works.append(gather_into(f["flat"], f["shard"].detach().clone(), self.dist.dp_group, async_op=True))
             for work in works:
                 work.wait()
         masters = [p for f in self.flats for p in f["params"] if hasattr(p, "master")]

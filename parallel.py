@@ -189,6 +189,16 @@ _GATHER = "all_gather_single" if hasattr(tdist, "all_gather_single") else "all_g
 _SCATTER = "reduce_scatter_single" if hasattr(tdist, "reduce_scatter_single") else "reduce_scatter_tensor"
 
 
+def gather_into(out, x, group, async_op=False):
+    """Every rank's x, in rank order, into the one buffer out along dim 0 (no list of tensors, so no copies)."""
+    return getattr(tdist, _GATHER)(out, x, group=group, async_op=async_op)  # looked up now: bench/roofline.py wraps it
+
+
+def scatter_sum_into(out, x, group, async_op=False):
+    """The sum over ranks of x, of which this rank keeps block `rank` (along dim 0) in out."""
+    return getattr(tdist, _SCATTER)(out, x, group=group, async_op=async_op)
+
+
 def all_gather_seq(x, dist, async_op=False):
     """[B, T/tp, ...] on each tp rank -> [B, T, ...]: the ranks' slices of the sequence, in rank order.
 
@@ -199,7 +209,7 @@ def all_gather_seq(x, dist, async_op=False):
     B, t = x.shape[:2]
     rest = x.shape[2:]
     out = x.new_empty((dist.tp * B, t, *rest))  # [tp * B, T/tp, ...]: rank r's block at rows r B .. (r + 1) B
-    work = getattr(tdist, _GATHER)(out, x.contiguous(), group=dist.tp_group, async_op=async_op)
+    work = gather_into(out, x.contiguous(), dist.tp_group, async_op)
     if B == 1:
         result = lambda: out.view(1, dist.tp * t, *rest)  # noqa: E731  [tp, T/tp, ...] is [1, T, ...]
     else:
@@ -223,7 +233,7 @@ def reduce_scatter_seq(x, dist, async_op=False):
     else:
         blocks = x.reshape(B, dist.tp, t, *rest).movedim(1, 0).reshape(dist.tp * B, t, *rest)  # [tp * B, T/tp, ...]
     out = x.new_empty((B, t, *rest))  # [B, T/tp, ...]
-    work = getattr(tdist, _SCATTER)(out, blocks, group=dist.tp_group, async_op=async_op)
+    work = scatter_sum_into(out, blocks, dist.tp_group, async_op)
     pending = Pending(work, lambda: out)
     return pending if async_op else pending.wait()
 

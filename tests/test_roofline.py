@@ -123,3 +123,21 @@ def test_compile_prices_fused_runs():
     runs = [op for op in ops if op["name"].startswith("fused(") and "+" in op["name"]]
     assert runs and fused["assumes"].startswith("fused")
     assert fused["bytes_per_token_outside_matmul_attention"] < 0.8 * eager["bytes_per_token_outside_matmul_attention"]
+
+
+def test_layouts_pick_the_fastest_that_fits():
+    """bench/layouts.py: every split of 4 GPUs (tp 4, 2, 1; ZeRO-1 off and on where dp > 1), fastest first among
+    those that fit; with too little memory per GPU, none fits; ZeRO-1 is what lets a layout fit in between."""
+    import layouts
+    over = dict(n_layer=2, n_head=4, n_embd=64, seq_len=32, vocab_size=256, micro_batch=2, batch_tokens=256)
+    rows = layouts.compare("tiny", over, "H100", 4)
+    assert sorted((r["tp"], r["dp"], r["zero1"]) for r in rows) == [(1, 4, False), (1, 4, True), (2, 2, False),
+                                                                    (2, 2, True), (4, 1, False)]
+    assert all(r["fits"] for r in rows) and rows[0]["tokens_per_s"] == max(r["tokens_per_s"] for r in rows)
+    assert all(r["sequence_parallel"] == (r["tp"] > 1) for r in rows)
+    assert not any(r["fits"] for r in layouts.compare("tiny", over, "H100", 4, gpu_mem=1e-3))
+    dp4 = {r["zero1"]: r["memory_gb"] for r in rows if r["dp"] == 4}
+    squeezed = layouts.compare("tiny", over, "H100", 4, gpu_mem=(dp4[True] + dp4[False]) / 2 + 2.0)
+    assert [(r["tp"], r["zero1"]) for r in squeezed if r["dp"] == 4 and r["fits"]] == [(1, True)]
+    with pytest.raises(UserError, match="unknown --gpu"):
+        layouts.compare("tiny", over, "H300", 4)

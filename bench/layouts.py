@@ -1,0 +1,118 @@
+"""Which layout for N GPUs? Every tensor-parallel x data-parallel split (with and without ZeRO-1) of a preset,
+checked for memory by plan.py and priced by bench/roofline.py; the fastest that fits is picked, and the output says
+why (the categories of time in which it differs from the runner-up).
+
+    python bench/layouts.py --preset yuan-4.7b --gpu H100 --gpus 8 [--gpu_mem GB] [--micro_batch 1] [--json FILE]
+                            [any other Config field]
+
+Layouts: tp among the divisors of --gpus that are at most GPUS_PER_NODE (a tensor-parallel group stays inside a
+node) and divide the heads and the FFN; sequence parallelism on wherever tp > 1 (it moves the same bytes as plain
+tensor parallelism and stores less); ZeRO-1 off and on wherever dp > 1. The global batch (batch_tokens) and the
+micro-batch stay as given, so the layouts differ only in how the same step is split. Each projection runs the real
+step under fake tensors (a few seconds for yuan-4.7b).
+"""
+import json
+import os
+import sys
+from dataclasses import fields
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from errors import UserError  # noqa: E402
+from model import Config, make_config  # noqa: E402
+from plan import GPU_MEM_GB, SLACK_GB, estimate, lookup  # noqa: E402
+from roofline import CATEGORIES, GPUS, GPUS_PER_NODE, project  # noqa: E402
+from train import parse_bool  # noqa: E402
+
+
+def candidates(cfg, gpus):
+    """[(tp, dp, zero1)] for `gpus` GPUs, largest tp first."""
+    tps = [t for t in range(min(gpus, GPUS_PER_NODE), 0, -1)
+           if gpus % t == 0 and cfg.n_head % t == 0 and cfg.ffn_hidden % t == 0 and cfg.seq_len % t == 0]
+    return [(tp, gpus // tp, z) for tp in tps for z in ((False, True) if gpus // tp > 1 else (False,))]
+
+
+def compare(preset, overrides, gpu, gpus, gpu_mem=None):
+    """A row per layout: the projection, plan.py's memory, whether it fits; sorted fastest first among those that fit
+    (then those that do not)."""
+    if gpu not in GPUS:
+        raise UserError(f"unknown --gpu {gpu!r}. Known: {', '.join(GPUS)}.")
+    base = make_config(preset, **overrides)
+    mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)
+    rows = []
+    for tp, dp, zero1 in candidates(base, gpus):
+        over = {**overrides, "zero1": zero1, "sequence_parallel": tp > 1}
+        cfg = make_config(preset, **over, tp=tp)
+        tokens = cfg.micro_batch * cfg.seq_len * dp
+        if cfg.batch_tokens % tokens:
+            continue  # this split cannot make the global batch out of whole micro-batches
+        r = project(preset, over, gpu, tp, dp)
+        need = estimate(cfg, tp, dp, r["dtype"])["total_bytes"] / 1e9
+        rows.append(dict(r, memory_gb=need, gpu_mem_gb=mem_gb, fits=need + SLACK_GB <= mem_gb))
+    if not rows:
+        raise UserError(f"no layout of {gpus} GPUs makes batch_tokens = {base.batch_tokens:,} of whole micro-batches."
+                        f"\nHINT: pass --batch_tokens a multiple of micro_batch x seq_len x {gpus}.")
+    return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
+
+
+def why(best, runner_up):
+    """The categories (seconds per step) in which the pick gains most over the runner-up, largest first."""
+    a, b = best["seconds_by_category"], runner_up["seconds_by_category"]
+    gains = sorted(((b[c] - a[c], c) for c in CATEGORIES), reverse=True)
+    parts = [f"{c} {b[c]:.2f} -> {a[c]:.2f} s" for d, c in gains if d > 0.01 * runner_up["step_s"]]
+    return ", ".join(parts) or "the two are within 1% in every category"
+
+
+def name(r):
+    return f"tp {r['tp']} x dp {r['dp']}" + (" + ZeRO-1" if r["zero1"] else "") + (" + SP" if r["sequence_parallel"]
+                                                                                  else "")
+
+
+def main(argv):
+    opts, overrides = {"preset": "yuan-4.7b", "gpu": "H100", "gpus": "8", "gpu_mem": "0", "json": ""}, {}
+    if len(argv) % 2:
+        raise UserError("options come in pairs: --NAME VALUE (see the docstring of bench/layouts.py).")
+    types = {f.name: f.type for f in fields(Config)}
+    for key, value in zip(argv[::2], argv[1::2]):
+        k = key.lstrip("-").replace("-", "_")
+        if k in opts:
+            opts[k] = value
+        elif k in types and k not in ("tp", "zero1", "sequence_parallel"):
+            try:
+                overrides[k] = parse_bool(value) if types[k] is bool else types[k](value)
+            except ValueError:
+                raise UserError(f"--{k}: cannot read {value!r}.") from None
+        else:
+            raise UserError(f"unknown option {key}. Options: --preset, --gpu, --gpus, --gpu_mem, --json, any Config field "
+                            f"but tp, zero1, sequence_parallel (the layouts vary those).")
+    try:
+        gpus, gpu_mem = int(opts["gpus"]), float(opts["gpu_mem"])
+    except ValueError:
+        raise UserError("--gpus takes a whole number, --gpu_mem a number of GB.") from None
+    rows = compare(opts["preset"], overrides, opts["gpu"], gpus, gpu_mem or None)
+    print(f"{opts['preset']} on {gpus} x {opts['gpu']}, {rows[0]['dtype']}, micro-batch {rows[0]['micro_batch']} x "
+          f"{rows[0]['seq_len']}, recompute {rows[0]['recompute']}; projected by bench/roofline.py "
+          f"({rows[0]['assumes'].split(':')[0]}), memory by plan.py\n"
+          f"{'layout':<28} {'memory GB':>10} {'fits':>5} {'tokens/s':>10} {'MFU':>6} {'exposed comm s':>15}")
+    for r in rows:
+        print(f"{name(r):<28} {r['memory_gb']:>10.1f} {'yes' if r['fits'] else 'no':>5} {r['tokens_per_s']:>10,.0f} "
+              f"{r['mfu']:>6.1%} {r['seconds_by_category']['communication']:>15.2f}")
+    best = rows[0]
+    if not best["fits"]:
+        print(f"no layout fits {best['gpu_mem_gb']} GB per GPU: try --recompute full or a smaller --micro_batch")
+    else:
+        others = [r for r in rows[1:] if r["fits"]]
+        hours = 1e9 / best["tokens_per_s"] / 3600
+        print(f"pick: {name(best)}, {best['mfu']:.1%} MFU, 1B tokens in {hours:.2f} h, {best['memory_gb']:.1f} of "
+              f"{best['gpu_mem_gb']} GB per GPU" +
+              (f"; against {name(others[0])}: {why(best, others[0])}" if others else ""))
+    if opts["json"]:
+        with open(opts["json"], "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")
