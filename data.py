@@ -286,7 +286,7 @@ def main(argv=None):
                                                                      "(default 20000)")
     args = p.parse_args(argv)
     import prepare  # imported here: prepare imports this module
-    from parallel import run_or_abort
+    from distributed import run_or_abort
     if args.cmd == "train-tokenizer":
         run_or_abort(lambda: prepare.train_tokenizer_cli(args.input, args.vocab_size, args.out, args.sample_mb,
                                                          args.min_chars, args.max_chars))

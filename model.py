@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distributed import Dist
 from errors import UserError
-from parallel import (ColumnParallelLinear, Dist, RowParallelLinear, VocabParallelEmbedding, column_parallel_matmul,
+from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_matmul,
                       full_normal, vocab_parallel_cross_entropy)
 from recompute import checkpoint
 

@@ -1,5 +1,5 @@
 """Randomness across tensor-parallel ranks, and activation recomputation that replays it (Megatron-LM keeps the
-same two things together in mpu/random.py). Used by parallel.Dist (every process layout carries its generator)
+same two things together in mpu/random.py). Used by distributed.Dist (every process layout carries its generator)
 and by model.py (--recompute)."""
 from contextlib import contextmanager
 

@@ -26,7 +26,7 @@ from errors import UserError
 from model import MODEL_FIELDS, PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from data_parallel import GradReducer, MasterAdamW, ZeroAdamW, adamw, clip_grad_norm
 from mixed_precision import fp32_state_dict, grad_of, load_fp32_state_dict, use_master_weights
-from parallel import init_distributed, run_or_abort
+from distributed import init_distributed, run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -83,8 +83,8 @@ def main(argv):
             except ValueError:
                 raise UserError(f"--{k}: cannot read {value!r}.") from None
         else:
-            raise UserError(f"unknown option {key}. Options: --preset, --gpu, --gpus, --gpu_mem, --json, any Config field "
-                            f"but tp, zero1, sequence_parallel (the layouts vary those).")
+            raise UserError(f"unknown option {key}. Options: --preset, --gpu, --gpus, --gpu_mem, --json, any Config "
+                            f"field but tp, zero1, sequence_parallel (the layouts vary those).")
     try:
         gpus, gpu_mem = int(opts["gpus"]), float(opts["gpu_mem"])
     except ValueError:

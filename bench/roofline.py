@@ -19,8 +19,8 @@ Conventions, stated once:
     read only the rows they return. With --compile true: consecutive non-matmul ops of forward and backward are one
     kernel, which reads what enters it from outside the run and writes its last op's output and the outputs no op
     of the run consumed (intermediates saved for backward that a later op of the run also reads are missed).
-    Applied to the whole micro-batch (train.py compiles the blocks only; embedding, final LayerNorm and loss are
-    priced fused too).
+    Applied to the whole micro-batch: where train.py compiles each block only (bf16, tp > 1, recomputation) the
+    embedding, final LayerNorm and loss are priced fused too, and a matmul ends a fused run as a graph break does.
   * attention FLOPs: forward 4 B h T^2 hd (QK^T and PV), backward twice that; causal masking is not discounted, so
     forward + backward = 12 L h T per token, as model.flops_per_token counts. Recomputation is counted as run.
   * exposed communication: tp collectives in forward are exposed; an asynchronous one in backward (the column-
@@ -58,7 +58,7 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 import train  # noqa: E402
 from errors import UserError  # noqa: E402
 from model import Config, flops_per_token, make_config  # noqa: E402
-from parallel import Dist  # noqa: E402
+from distributed import Dist  # noqa: E402
 
 T, G = 1e12, 1e9
 # Fixed before any projection was made; not tuned afterwards. peak: dense tensor-core TFLOP/s (fp32: the CUDA-core
@@ -97,7 +97,8 @@ ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: 4,  # forward: 4 
              aten._scaled_dot_product_flash_attention_for_cpu_backward: 8,  # backward: twice the forward
              aten._scaled_dot_product_flash_attention: 4, aten._scaled_dot_product_flash_attention_backward: 8,
              aten._scaled_dot_product_efficient_attention: 4, aten._scaled_dot_product_efficient_attention_backward: 8}
-FREE = {aten._unsafe_view, aten.detach, aten.empty, aten.empty_like, aten.empty_strided, aten.lift_fresh, aten.alias}
+FREE = {aten._unsafe_view, aten.detach, aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
+        aten.new_empty_strided, aten.lift_fresh, aten.alias}  # views and allocations: no bytes move
 GATHER = {aten.embedding, aten.index}  # read only the rows they return (and their indices)
 # copy_ overwrites its first argument without reading it; the others only write (their inputs are shapes or values)
 WRITE_ONLY = {aten.copy_: 1, **{op: 99 for op in (aten.zero_, aten.fill_, aten.zeros, aten.zeros_like, aten.ones,

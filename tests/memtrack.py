@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from parallel import Dist
+from distributed import Dist
 from train import LossScaler, build, precision, train_step
 
 

@@ -15,7 +15,7 @@ from test_parallel import MPIEXEC, needs_mpiexec
 
 # One rank's view of the variable after init_distributed (gloo on CPU: no CUDA involved, only the environment).
 SHOW_ENV = ("import os, sys\n"
-            "from parallel import init_distributed, run_or_abort\n"
+            "from distributed import init_distributed, run_or_abort\n"
             "def main():\n"
             "    d = init_distributed(tp=int(sys.argv[1]), device='cpu')\n"
             "    print(f'rank {d.rank}: CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get(\"CUDA_DEVICE_MAX_CONNECTIONS\")}',"
@@ -89,12 +89,12 @@ def test_pinned_batches_on_a_gpu_machine(tmp_path):
 @pytest.mark.parametrize("recompute, dtype, whole", [("none", "fp32", True), ("full", "fp32", False),
                                                     ("selective", "fp32", False), ("none", "bf16", False)])
 def test_compile_takes_the_whole_model_where_it_can(recompute, dtype, whole):
-    """--compile: the whole model at tp 1 in fp32 without recomputation, each block elsewhere (train.build says why; at tp > 1
-    too, tested by tests/test_parallel_train.py -k compile). Only the choice is checked here (nothing compiles until
-    a forward); the numbers are the next test's."""
+    """--compile: the whole model at tp 1 in fp32 without recomputation, each block elsewhere (train.build says
+    why; tp > 1 too, tested by tests/test_parallel_train.py -k compile). Only the choice is checked here (nothing
+    compiles until a forward); the numbers are the next test's and, in bf16, tests/test_mixed_precision.py's."""
     import train
     from model import make_config
-    from parallel import Dist
+    from distributed import Dist
     cfg = make_config("tiny", n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=512, dtype=dtype,
                       compile=True, recompute=recompute)
     model = train.build(cfg, Dist())[0]
@@ -102,11 +102,15 @@ def test_compile_takes_the_whole_model_where_it_can(recompute, dtype, whole):
     assert all((b._compiled_call_impl is not None) != whole for b in model.blocks)
 
 
-def test_whole_model_compile_equals_eager(prepared, tmp_path):
-    args = [*SMALL, "--n_layer", 1, "--data", prepared, "--max_steps", 3, "--eval_interval", 3]
+@pytest.mark.parametrize("dtype, rel", [("fp32", 1e-5), ("bf16", 1e-3)])
+def test_compile_equals_eager(prepared, tmp_path, dtype, rel):
+    """fp32: the whole model compiled; bf16: each block (the matmuls' main_grad updates break a whole-model graph),
+    inductor fusing the elementwise work between the matmuls. 3 steps equal to eager within rel (bf16 measured 6e-5:
+    the fused kernels round differently)."""
+    args = [*SMALL, "--n_layer", 1, "--data", prepared, "--max_steps", 3, "--eval_interval", 3, "--dtype", dtype]
     run("train.py", *args, "--out", tmp_path / "eager")
     run("train.py", *args, "--out", tmp_path / "compiled", "--compile", "true")
     eager, compiled = (read_metrics(tmp_path / d) for d in ("eager", "compiled"))
     for key in ("loss", "grad_norm", "val_loss"):
         a, b = ([r[key] for r in rows if key in r] for rows in (eager, compiled))
-        assert len(a) == (1 if key == "val_loss" else 3) and b == pytest.approx(a, rel=1e-5), key
+        assert len(a) == (1 if key == "val_loss" else 3) and b == pytest.approx(a, rel=rel), key

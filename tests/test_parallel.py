@@ -36,7 +36,7 @@ def test_world_not_divisible_by_tp():
 def test_single_process_is_a_world_of_one():
     """A plain `python` process (no launcher) is rank 0 of 1, with no groups; run in a subprocess so that the
     test process itself never initialises MPI."""
-    code = ("from parallel import init_distributed\n"
+    code = ("from distributed import init_distributed\n"
             "d = init_distributed(tp=1, device='cpu')\n"
             "assert (d.rank, d.world, d.tp, d.dp) == (0, 1, 1, 1) and d.tp_group is None and d.dp_group is None\n"
             "with d.rng.fork():\n    pass\n"
@@ -51,7 +51,7 @@ def test_broken_mpi_library_does_not_stop_a_single_process(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text("")
     (fake / "MPI.py").write_text("raise RuntimeError('cannot load MPI library (simulated)')\n")
-    code = "from parallel import init_distributed; d = init_distributed(); print('world', d.world)"
+    code = "from distributed import init_distributed; d = init_distributed(); print('world', d.world)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
     assert proc.returncode == 0 and "world 1" in proc.stdout, proc.stderr

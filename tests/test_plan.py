@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, run
 from memtrack import measured_peak
 from model import Yuan, count_params, make_config
-from parallel import Dist
+from distributed import Dist
 from plan import estimate, params_per_rank
 from test_parallel import MPIEXEC, needs_mpiexec
 

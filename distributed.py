@@ -1,0 +1,142 @@
+"""The process layout and how it starts: Dist (what every layer and the loop know about the ranks), the MPI
+bootstrap of torch.distributed (init_distributed) and leaving together (run_or_abort). The tensor- and
+sequence-parallel layers are parallel.py; keeping the data-parallel replicas in step, data_parallel.py.
+
+Ranks are laid out as blocks of `tp` consecutive ranks (one tensor-parallel group, kept inside a node) and the
+data-parallel groups are the strided rest. With 8 ranks and tp=4:
+
+    rank:      0 1 2 3 | 4 5 6 7
+    tp group:  [0 1 2 3] [4 5 6 7]          tp_rank = rank % tp
+    dp group:  [0 4] [1 5] [2 6] [3 7]      dp_rank = rank // tp
+"""
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+
+from errors import UserError
+from recompute import TPRandom
+
+
+@dataclass
+class Dist:
+    """Everything a layer or the loop needs to know about the process layout. Passed explicitly, never global."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0  # rank within this node
+    local_world: int = 1
+    tp: int = 1  # tensor-parallel size
+    tp_rank: int = 0
+    tp_group: object = None  # torch.distributed group of this rank's tp ranks (None when tp == 1)
+    dp: int = 1  # data-parallel size
+    dp_rank: int = 0
+    dp_group: object = None
+    device: torch.device = torch.device("cpu")
+    rng: "TPRandom" = field(default=None, compare=False)  # dropout generator of this tensor-parallel rank
+
+    def __post_init__(self):
+        if self.rng is None:
+            self.rng = TPRandom(self.tp, self.tp_rank, self.device)
+
+    def print0(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+
+def _mpi_world():
+    """mpi4py's COMM_WORLD, or None when there is no MPI (a plain `python train.py` is a world of one, even where
+    libmpi is missing or broken)."""
+    try:
+        from mpi4py import MPI
+        return MPI, MPI.COMM_WORLD
+    except Exception:  # ImportError, or RuntimeError from a missing libmpi
+        return None, None
+
+
+def init_distributed(tp=1, device=""):
+    """Bootstrap torch.distributed from MPI. Rank and world size come from COMM_WORLD, the local rank from a
+    shared-memory split; rank 0 picks the rendezvous address (MASTER_ADDR/MASTER_PORT override) and broadcasts it."""
+    MPI, comm = _mpi_world()
+    world = comm.Get_size() if comm is not None else 1
+    if world % tp:
+        raise UserError(f"world size {world} is not divisible by --tp {tp}.\n"
+                        f"HINT: launch a multiple of {tp} ranks, or pick --tp among the divisors of {world}.")
+    if world == 1:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return Dist(device=dev)
+    rank = comm.Get_rank()
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism, as Megatron-LM requires, unless the user set it: with
+    # one hardware work queue per GPU, kernels start in launch order, so the input-gradient all-reduce that
+    # the column-parallel matmul's backward launches before the weight-gradient GEMM starts first and runs beside it;
+    # with several queues the GEMM can take every SM first and the communication waits. CUDA reads the variable
+    # when it initializes: this is set before the first torch.cuda call below (nothing earlier touches CUDA).
+    queues = os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1") if tp > 1 else "1"
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_world = local.Get_rank(), local.Get_size()
+    addr = port = None
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        port = os.environ.get("MASTER_PORT")
+        if not port:
+            with socket.socket() as s:  # a free port on this host; freed again for torch to bind
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+        port = int(port)
+    addr, port = comm.bcast((addr, port), root=0)
+    if torch.cuda.is_available() and device != "cpu":
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        backend = "gloo"
+    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
+    # Every rank must create every group, in the same order, even the groups it is not in.
+    tp_group = dp_group = None
+    for start in range(0, world, tp):
+        group = tdist.new_group(list(range(start, start + tp)))
+        if start <= rank < start + tp:
+            tp_group = group
+    for offset in range(tp):
+        group = tdist.new_group(list(range(offset, world, tp)))
+        if rank % tp == offset:
+            dp_group = group
+    dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
+                tp_group=tp_group if tp > 1 else None, dp=world // tp, dp_rank=rank // tp,
+                dp_group=dp_group if world // tp > 1 else None, device=dev)
+    if queues != "1":
+        dist.print0(f"note: CUDA_DEVICE_MAX_CONNECTIONS={queues} from the environment is kept; Megatron-LM uses 1 "
+                    f"with tensor parallelism, so that the backward's all-reduce is not queued behind a GEMM")
+    return dist
+
+
+def run_or_abort(main):
+    """Run main(). A UserError prints its message, anything else its traceback; then, if this is one rank of
+    several, abort the whole MPI world so that no other rank waits forever in a collective: the job ends promptly
+    with a non-zero exit."""
+    try:
+        main()
+        if tdist.is_initialized():  # leave together: a rank that exits early can break its peers' connections
+            tdist.barrier()
+            tdist.destroy_process_group()
+        return
+    except UserError as e:
+        message = f"error: {e}"
+    except Exception:
+        message = traceback.format_exc()
+    print(message, file=sys.stderr, flush=True)
+    MPI, comm = _mpi_world()
+    if comm is not None and comm.Get_size() > 1:
+        # Abort kills every rank and the launcher's forwarding of their output at once: a second's wait lets the
+        # message above reach the user (seen lost once in ~100 runs when every rank failed together).
+        time.sleep(1.0)
+        comm.Abort(1)
+    sys.exit(1)
