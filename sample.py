@@ -13,7 +13,7 @@ import torch
 from tokenizer import load_tokenizer
 from errors import UserError
 from model import Config, Yuan
-from train import checkpoints, ckpt_files, load_checkpoint
+from run_dir import checkpoints, ckpt_files, load_checkpoint
 
 
 def sample(args):
