@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from errors import UserError
+from errors import EXIT_REQUEUE, Requeue, UserError
 from recompute import TPRandom
 
 
@@ -121,12 +121,19 @@ def init_distributed(tp=1, device=""):
 def run_or_abort(main):
     """Run main(). A UserError prints its message, anything else its traceback; then, if this is one rank of
     several, abort the whole MPI world so that no other rank waits forever in a collective: the job ends promptly
-    with a non-zero exit."""
+    with a non-zero exit. Requeue (every rank at once, after a checkpoint) leaves together with EXIT_REQUEUE."""
+    code = 0
     try:
-        main()
+        try:
+            main()
+        except Requeue as e:  # raised by every rank at the same step: they still leave together
+            print(e, file=sys.stderr, flush=True)
+            code = EXIT_REQUEUE
         if tdist.is_initialized():  # leave together: a rank that exits early can break its peers' connections
             tdist.barrier()
             tdist.destroy_process_group()
+        if code:
+            sys.exit(code)
         return
     except UserError as e:
         message = f"error: {e}"

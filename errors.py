@@ -1,5 +1,12 @@
-"""The one exception type that every command-line entry point prints without a traceback."""
+"""The exceptions that every command-line entry point prints without a traceback."""
+
+EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal or --time_limit_min after a checkpoint; run again
 
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what was wrong and how to fix it."""
+
+
+class Requeue(Exception):
+    """Every rank stopped together on purpose (a signal, the time limit) after writing a checkpoint: the job exits
+    with EXIT_REQUEUE so that a batch script can tell it apart from a failure and submit it again with --resume."""

@@ -52,6 +52,8 @@ class Config:
     log_interval: int = 1  # training rows in metrics.jsonl every N steps
     ckpt_interval: int = 100  # checkpoint every N steps (and after the last)
     keep_ckpts: int = 2  # how many recent checkpoints to keep
+    time_limit_min: float = 0.0  # checkpoint and exit (code 75) before this many minutes of wall time; 0: no limit
+    max_skipped_steps: int = 25  # stop after this many consecutive steps skipped for non-finite gradients
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
     # --- parallelism (parallel.py, data_parallel.py) ---
@@ -68,9 +70,14 @@ class Config:
         if self.ffn_hidden == 0:
             self.ffn_hidden = 4 * self.n_embd
         for name in ("n_layer", "n_head", "n_embd", "seq_len", "max_steps", "batch_tokens", "micro_batch",
-                     "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_ckpts"):
+                     "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_ckpts",
+                     "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} = {getattr(self, name)} must be at least 1.")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "init_std", "layernorm_eps", "time_limit_min"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"{name} = {value} must be a finite number, at least 0.")
         if self.tp < 1:
             raise UserError(f"tp = {self.tp} must be at least 1.")
         if self.n_head % self.tp or self.ffn_hidden % self.tp:

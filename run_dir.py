@@ -10,9 +10,12 @@ calls these; sample.py reads the checkpoints.
 import json
 import os
 import re
+import shutil
+import sys
 from dataclasses import asdict
 
 import torch
+import torch.distributed as tdist
 
 from errors import UserError
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
@@ -44,8 +47,11 @@ def checkpoints(out, tp=1, tp_rank=0):
     return {s: os.path.join(out, ckpt_name(s, tp, tp_rank)) for s, ranks in shards.items() if len(ranks) == tp}
 
 
-def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist):
-    """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies)."""
+def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=None):
+    """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies).
+    Then the oldest beyond keep_ckpts are deleted, except step `protect` (the last one written before a run of
+    skipped steps: train.py keeps it while the trouble lasts). A write that fails (full disk, quota, permission) is
+    a UserError naming the path and the size; its .tmp is removed and the older checkpoints stay."""
     opt_state = opt.state_dict()  # with --zero1 a collective (the moments are gathered): every rank calls it
     if dist.dp_rank != 0:
         return
@@ -58,11 +64,33 @@ def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist):
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                      "tp": dist.rng.state if dist.rng.state is not None else torch.zeros(0, dtype=torch.uint8)}}
     path = os.path.join(out, ckpt_name(step, dist.tp, dist.tp_rank))
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: the name ckpt_*.pt only ever points at a complete file
-    mine = [p for _, t, r, p in ckpt_files(out) if (t, r) == (dist.tp, dist.tp_rank)]
-    for old in mine[:-cfg.keep_ckpts]:
-        os.remove(old)
+    size, free = tensor_bytes(state), shutil.disk_usage(out).free
+    if free < size:
+        print(f"warning: rank {dist.rank}: {path} needs about {size / 1e9:.2f} GB and {free / 1e9:.2f} GB are free",
+              file=sys.stderr, flush=True)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: the name ckpt_*.pt only ever points at a complete file
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"cannot write checkpoint {path} ({type(e).__name__}: {str(e)[:200]}). It needs about "
+                        f"{size / 1e9:.3f} GB; {shutil.disk_usage(out).free / 1e9:.3f} GB are free there. The "
+                        f"half-written file is removed and the older checkpoints are kept.\nHINT: free space (or "
+                        f"point --out at a larger file system, copying the run there) and run again with --resume."
+                        ) from None
+    mine = [(s, p) for s, t, r, p in ckpt_files(out) if (t, r) == (dist.tp, dist.tp_rank)]
+    for s, old in mine[:-cfg.keep_ckpts]:
+        if s != protect:
+            os.remove(old)
+
+
+def tensor_bytes(tree):
+    """Bytes of the tensors in nested dicts and lists: what torch.save will write, about."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(tensor_bytes(t) for t in items)
 
 
 def load_checkpoint(path):
@@ -70,6 +98,15 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def all_ranks(flag, dist):
+    """Whether flag holds on every rank (a collective: every rank calls it)."""
+    if dist.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def check_compatible(ckpt, cfg, tokenizer, path):
@@ -134,8 +171,9 @@ def prepare_out_dir(out, resume, overwrite, dist):
 
 
 def resume(out, model, opt, scaler, cfg, tokenizer, dist):
-    """--resume: load the newest complete checkpoint of this tp layout in out (model, optimizer, loss scale, every
-    generator) and return its step; 0 when out holds none. Checkpoints of another tp size are refused."""
+    """--resume: load the newest checkpoint whose every shard every rank can read (model, optimizer, loss scale,
+    every generator) and return its step; 0 when out holds none. An unreadable newest one (truncated by a crash, a
+    full disk) is named, and the next older one is tried. Checkpoints of another tp size are refused."""
     ckpts = checkpoints(out, dist.tp, dist.tp_rank)
     if not ckpts:
         if ckpt_files(out):
@@ -144,8 +182,22 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
                             f"tp = {dist.tp}; resharding is not supported.\nHINT: resume with --tp {layouts[-1]}.")
         dist.print0(f"--resume: no checkpoint in {out}, starting from step 0")
         return 0
-    path = list(ckpts.values())[-1]
-    ckpt = load_checkpoint(path)
+    newest, ckpt = max(ckpts), None
+    for step in sorted(ckpts, reverse=True):  # every rank walks the same steps (the complete ones) in the same order
+        path = ckpts[step]
+        try:
+            ckpt = load_checkpoint(path)
+            if ckpt["step"] != step:
+                raise UserError(f"checkpoint {path} says it is step {ckpt['step']}")
+        except UserError as e:
+            print(f"rank {dist.rank}: {e}", file=sys.stderr, flush=True)
+            ckpt = None
+        if all_ranks(ckpt is not None, dist):
+            break
+        ckpt = None
+    if ckpt is None:
+        raise UserError(f"no checkpoint in {out} can be read by every rank (the reasons are above).\nHINT: move the "
+                        f"broken files away and --resume from what is left, or start again with --overwrite.")
     check_compatible(ckpt, cfg, tokenizer, path)
     load_fp32_state_dict(model, ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -156,6 +208,7 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
     if ckpt["rng"]["tp"].numel():
         dist.rng.state = ckpt["rng"]["tp"]
     changed = [k for k, v in ckpt["config"].items() if k != "max_steps" and getattr(cfg, k, v) != v]
-    dist.print0(f"resumed from {path} at step {ckpt['step']}" + (f" (changed: {', '.join(changed)})" if changed
-                                                                 else ""))
-    return ckpt["step"]
+    if step != newest:
+        dist.print0(f"--resume: the newest checkpoint (step {newest}) cannot be read; falling back to step {step}")
+    dist.print0(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+    return step

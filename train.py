@@ -29,7 +29,8 @@ from errors import UserError
 from mixed_precision import grad_of, use_master_weights
 from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from plan import PEAK_TFLOPS, lookup, plan
-from run_dir import Metrics, prepare_out_dir, resume, save_checkpoint
+from run_dir import Metrics, ckpt_name, prepare_out_dir, resume, save_checkpoint
+from stopping import Stopping
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -330,6 +331,8 @@ def train(argv):
         return sum(losses) / len(losses)
 
     ran_steps = step < cfg.max_steps
+    stopping = Stopping(cfg, dist, last_ckpt=step or None)  # signals, --time_limit_min, divergence (stopping.py)
+    ckpt_path = lambda s: os.path.join(out, ckpt_name(s, dist.tp, dist.tp_rank))  # noqa: E731
     while step < cfg.max_steps:
         step += 1
         t0 = time.perf_counter()
@@ -350,13 +353,20 @@ def train(argv):
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1%}",
                         refresh=False)
         bar.update()
+        stopping.check_divergence(step, loss, finite, ckpt_path)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = evaluate()
             metrics.log(step=step, val_loss=val_loss)
             if dist.rank == 0:
                 bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist)
+        requeue = stopping.requeue_reason(dt) if step < cfg.max_steps else None  # the same on every rank
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or requeue:
+            t0 = time.perf_counter()
+            save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=stopping.protect)
+            stopping.saved(step, time.perf_counter() - t0)
+        if requeue:
+            bar.close()
+            stopping.requeue(step, requeue, out)
     bar.close()
     if ran_steps:
         dist.print0(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data "
