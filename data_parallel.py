@@ -10,7 +10,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from mixed_precision import grad_of
-from parallel import Pending, all_reduce, gather_into, scatter_sum_into, sync_sequence_parallel_grads
+from parallel import Pending, all_reduce, gather_into, scatter_sum_into, sync_sequence_parallel_grads, wait
 
 
 def adamw(groups, **hyper):
@@ -129,7 +129,7 @@ class GradReducer:
                         p.grad = torch.zeros_like(p)
                 self._launch(b)
         for b, flat, work in self.pending:
-            work.wait()
+            wait(work, self.dist)
             flat /= self.dist.dp
             for p, chunk in zip(self.buckets[b], flat.split([p.numel() for p in self.buckets[b]])):
                 grad_of(p).copy_(chunk.view_as(p))
@@ -224,7 +224,7 @@ class ZeroAdamW:
         else:
             mine = torch.empty(size, device=flat.device)
             work = scatter_sum_into(mine, flat, self.dist.dp_group, async_op=True)
-            self.pending[b] = Pending(work, lambda: mine)
+            self.pending[b] = Pending(work, lambda: mine, self.dist)
 
     def start(self):
         """Call before the backward of the last micro-batch (GradReducer's interface)."""
@@ -247,7 +247,7 @@ class ZeroAdamW:
             for f in self.flats:
                 works.append(gather_into(f["flat"], f["shard"].detach().clone(), self.dist.dp_group, async_op=True))
             for work in works:
-                work.wait()
+                wait(work, self.dist)
         masters = [p for f in self.flats for p in f["params"] if hasattr(p, "master")]
         if masters:
             with torch.no_grad():

@@ -9,6 +9,7 @@ data-parallel groups are the strided rest. With 8 ranks and tp=4:
     tp group:  [0 1 2 3] [4 5 6 7]          tp_rank = rank % tp
     dp group:  [0 4] [1 5] [2 6] [3 7]      dp_rank = rank // tp
 """
+import datetime
 import os
 import socket
 import sys
@@ -37,6 +38,7 @@ class Dist:
     dp_rank: int = 0
     dp_group: object = None
     device: torch.device = torch.device("cpu")
+    timeout_s: float = 300.0  # how long a collective waits for a rank (init_distributed's timeout_s)
     rng: "TPRandom" = field(default=None, compare=False)  # dropout generator of this tensor-parallel rank
 
     def __post_init__(self):
@@ -58,9 +60,11 @@ def _mpi_world():
         return None, None
 
 
-def init_distributed(tp=1, device=""):
+def init_distributed(tp=1, device="", timeout_s=300.0):
     """Bootstrap torch.distributed from MPI. Rank and world size come from COMM_WORLD, the local rank from a
-    shared-memory split; rank 0 picks the rendezvous address (MASTER_ADDR/MASTER_PORT override) and broadcasts it."""
+    shared-memory split; rank 0 picks the rendezvous address (MASTER_ADDR/MASTER_PORT override) and broadcasts it.
+    A collective that waits longer than timeout_s for a rank fails (run_or_abort then names the missing ranks and
+    ends the job) instead of holding every GPU until the backend's own default (30 minutes for gloo)."""
     MPI, comm = _mpi_world()
     world = comm.Get_size() if comm is not None else 1
     if world % tp:
@@ -98,7 +102,10 @@ def init_distributed(tp=1, device=""):
         dev = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         backend = "gloo"
-    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
+    if backend == "nccl":  # NCCL's watchdog turns a timed-out collective into an error instead of a hang
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                             timeout=datetime.timedelta(seconds=timeout_s))
     # Every rank must create every group, in the same order, even the groups it is not in.
     tp_group = dp_group = None
     for start in range(0, world, tp):
@@ -111,11 +118,35 @@ def init_distributed(tp=1, device=""):
             dp_group = group
     dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
                 tp_group=tp_group if tp > 1 else None, dp=world // tp, dp_rank=rank // tp,
-                dp_group=dp_group if world // tp > 1 else None, device=dev)
+                dp_group=dp_group if world // tp > 1 else None, device=dev, timeout_s=timeout_s)
     if queues != "1":
         dist.print0(f"note: CUDA_DEVICE_MAX_CONNECTIONS={queues} from the environment is kept; Megatron-LM uses 1 "
                     f"with tensor parallelism, so that the backward's all-reduce is not queued behind a GEMM")
     return dist
+
+
+def report_missing(MPI, comm, wait_s=10.0):
+    """After a collective timed out: every rank that can still run tells rank 0 so over MPI (not through the
+    collective that is stuck), and rank 0 names the ranks it did not hear from within wait_s: the ones to look at
+    (stopped, swapping, on a wedged GPU or file system). Rank 0 then ends the job; if rank 0 is the stuck one, each
+    other rank ends it after waiting."""
+    rank, world, tag = comm.Get_rank(), comm.Get_size(), 7177
+    if rank != 0:
+        comm.isend(rank, dest=0, tag=tag)
+        time.sleep(wait_s + 5)  # rank 0 aborts the job before this ends, unless rank 0 is the one that hangs
+        print(f"rank {rank}: rank 0 did not answer either: it may be the rank that hangs", file=sys.stderr, flush=True)
+        return
+    heard, deadline = {0}, time.time() + wait_s
+    while time.time() < deadline and len(heard) < world:
+        if comm.iprobe(source=MPI.ANY_SOURCE, tag=tag):
+            heard.add(comm.recv(source=MPI.ANY_SOURCE, tag=tag))
+        else:
+            time.sleep(0.05)
+    missing = sorted(set(range(world)) - heard)
+    print(f"error: a collective timed out (--collective_timeout_s). Rank(s) {missing or 'none'} did not arrive: "
+          f"{'stopped or hanging' if missing else 'every rank is alive, so one is far behind'}.\nHINT: look at "
+          f"those ranks' hosts; if a long compile or a checkpoint on a slow file system is all it is, raise "
+          f"--collective_timeout_s.", file=sys.stderr, flush=True)
 
 
 def run_or_abort(main):
@@ -136,11 +167,16 @@ def run_or_abort(main):
             sys.exit(code)
         return
     except UserError as e:
-        message = f"error: {e}"
-    except Exception:
-        message = traceback.format_exc()
-    print(message, file=sys.stderr, flush=True)
+        message, timed_out = f"error: {e}", False
+    except Exception as e:
+        timed_out = "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower()
+        # a timeout's traceback only says which wait gave up; report_missing below says what matters
+        message = f"{type(e).__name__}: {e}" if timed_out else traceback.format_exc()
     MPI, comm = _mpi_world()
+    print((f"rank {comm.Get_rank()}: " if comm is not None and comm.Get_size() > 1 else "") + message,
+          file=sys.stderr, flush=True)
+    if comm is not None and comm.Get_size() > 1 and timed_out:
+        report_missing(MPI, comm)
     if comm is not None and comm.Get_size() > 1:
         # Abort kills every rank and the launcher's forwarding of their output at once: a second's wait lets the
         # message above reach the user (seen lost once in ~100 runs when every rank failed together).

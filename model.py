@@ -57,6 +57,7 @@ class Config:
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
     # --- parallelism (parallel.py, data_parallel.py) ---
+    collective_timeout_s: float = 300.0  # a rank that does not arrive in a collective this long ends the job
     tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
     sequence_parallel: bool = False  # with tp > 1: LayerNorm/dropout activations split over the tp group along T
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
@@ -74,10 +75,13 @@ class Config:
                      "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} = {getattr(self, name)} must be at least 1.")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "init_std", "layernorm_eps", "time_limit_min"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "init_std", "layernorm_eps", "time_limit_min",
+                     "collective_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"{name} = {value} must be a finite number, at least 0.")
+        if self.collective_timeout_s <= 0:
+            raise UserError(f"collective_timeout_s = {self.collective_timeout_s} must be positive (seconds).")
         if self.tp < 1:
             raise UserError(f"tp = {self.tp} must be at least 1.")
         if self.n_head % self.tp or self.ffn_hidden % self.tp:

@@ -5,6 +5,8 @@ dropout generator of each tensor-parallel rank and recomputation, recompute.py.)
 Every layer here is tested against the unsharded computation under `mpiexec` (tests/test_parallel.py). At
 tensor-parallel size 1 the collectives are skipped and the layers are plain nn.Linear / nn.Embedding arithmetic.
 """
+import datetime
+
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
@@ -31,21 +33,30 @@ from mixed_precision import accumulate_wgrad, grad_of
 
 
 class Pending:
-    """A collective in flight: wait() blocks until it is done and returns its result."""
+    """A collective in flight: wait() blocks until it is done and returns its result. It waits at most
+    dist.timeout_s (--collective_timeout_s): an asynchronous gloo collective would otherwise wait forever for a rank
+    that hangs."""
 
-    def __init__(self, work, result):
-        self.work, self.result = work, result
+    def __init__(self, work, result, dist=None):
+        self.work, self.result, self.dist = work, result, dist
 
     def wait(self):
         if self.work is not None:
-            self.work.wait()
+            wait(self.work, self.dist)
         return self.result()
+
+
+def wait(work, dist):
+    """work.wait(), bounded by the collective timeout of dist's process layout."""
+    if dist is None:
+        return work.wait()
+    return work.wait(timeout=datetime.timedelta(seconds=dist.timeout_s))
 
 
 def all_reduce(x, dist, async_op=False):
     """Sum of x over the tp group, in place."""
     work = tdist.all_reduce(x, group=dist.tp_group, async_op=async_op)
-    return Pending(work, lambda: x) if async_op else x
+    return Pending(work, lambda: x, dist) if async_op else x
 
 
 # torch 2.13 names the single-buffer collectives all_gather_single / reduce_scatter_single and warns (FutureWarning)
@@ -80,7 +91,7 @@ def all_gather_seq(x, dist, async_op=False):
         result = lambda: out.view(1, dist.tp * t, *rest)  # noqa: E731  [tp, T/tp, ...] is [1, T, ...]
     else:
         result = lambda: out.view(dist.tp, B, t, *rest).movedim(0, 1).reshape(B, dist.tp * t, *rest)  # noqa: E731
-    pending = Pending(work, result)  # [B, T, ...]
+    pending = Pending(work, result, dist)  # [B, T, ...]
     return pending if async_op else pending.wait()
 
 
@@ -100,7 +111,7 @@ def reduce_scatter_seq(x, dist, async_op=False):
         blocks = x.reshape(B, dist.tp, t, *rest).movedim(1, 0).reshape(dist.tp * B, t, *rest)  # [tp * B, T/tp, ...]
     out = x.new_empty((B, t, *rest))  # [B, T/tp, ...]
     work = scatter_sum_into(out, blocks, dist.tp_group, async_op)
-    pending = Pending(work, lambda: out)
+    pending = Pending(work, lambda: out, dist)
     return pending if async_op else pending.wait()
 
 

@@ -5,6 +5,7 @@ does to the training loop (train.py asks after every step).
                 SIGINT (Ctrl-C): finish the step, write a checkpoint, exit with EXIT_REQUEUE (75); a second signal
                 exits at once
     time limit  --time_limit_min: the same, when the next step and a checkpoint might not fit in what is left
+    (a rank that hangs is distributed.py's: --collective_timeout_s)
     divergence  --max_skipped_steps steps in a row skipped for non-finite gradients, or (bf16/fp32, where no loss
                 scale explains it) a non-finite loss: stop with an error naming the step and the last checkpoint
                 written before the trouble began, which checkpoint rotation keeps until the run recovers

@@ -133,3 +133,45 @@ def test_unreadable_newest_checkpoint_falls_back(prepared, tmp_path):
     assert "the newest checkpoint (step 6) cannot be read; falling back to step 3" in proc.stdout, proc.stdout
     assert "cannot read checkpoint" in proc.stderr and str(newest) in proc.stderr
     assert train_rows(tmp_path / "a") == before  # steps 4 to 6 again, the same
+
+
+def rank_pids(marker, rank):
+    """The pids of the processes of MPI rank `rank` whose command line contains marker (MPICH sets PMI_RANK)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if marker in cmdline and "train.py" in cmdline and f"PMI_RANK={rank}" in environ:
+            pids.append(int(pid))
+    return pids
+
+
+@needs_mpiexec
+def test_a_hung_rank_ends_the_job_and_is_named(prepared, tmp_path):
+    """Rank 1 stopped (SIGSTOP: what a wedged GPU or file system looks like to the others): rank 0's collective times
+    out after --collective_timeout_s, rank 0 names rank 1 and the job ends non-zero, within the timeout + 30 s."""
+    out = tmp_path / "hang"
+    proc = start([MPIEXEC, "-n", "2", sys.executable, TRAIN, *map(str, [*SMALL, "--data", prepared, "--out", out,
+                                                                        "--max_steps", 100000,
+                                                                        "--collective_timeout_s", 8])], out)
+    stopped = rank_pids(str(out), 1)
+    assert stopped, "rank 1's process not found"
+    try:
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=8 + 60)
+        assert proc.returncode != 0 and time.time() - t0 < 8 + 30, err
+        assert "Rank(s) [1] did not arrive" in err, err
+    finally:
+        proc.kill()
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
