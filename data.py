@@ -184,8 +184,12 @@ class Batches:
             raise UserError(f"{meta_path} not found: {data_dir} is not a prepared data directory (or its prepare "
                             f"has not finished).\nHINT: python data.py prepare --input FILES --tokenizer TOK "
                             f"--out {data_dir}")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except (ValueError, OSError) as e:
+            raise UserError(f"{meta_path} cannot be read as JSON ({e}): the directory's description is damaged.\n"
+                            f"HINT: re-run the same data.py prepare command into a fresh --out.") from None
         if self.meta.get("format_version") != META_VERSION:
             raise UserError(f"{meta_path} has layout version {self.meta.get('format_version')}; this code reads "
                             f"{META_VERSION}.\nHINT: re-run data.py prepare into a fresh directory.")

@@ -70,9 +70,17 @@ def init_distributed(tp=1, device="", timeout_s=300.0):
     if world % tp:
         raise UserError(f"world size {world} is not divisible by --tp {tp}.\n"
                         f"HINT: launch a multiple of {tp} ranks, or pick --tp among the divisors of {world}.")
+    try:
+        asked = torch.device(device) if device else None
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device.\nHINT: cpu, cuda or cuda:N.") from None
+    if asked is not None and asked.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but this torch ({torch.__version__}) sees no CUDA device.\nHINT: --device "
+                        f"cpu, or install the torch build that matches the driver (README, \"Two commands\").")
     if world == 1:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda":
+            dev = torch.device("cuda", dev.index or 0)  # set_device wants an index
             torch.cuda.set_device(dev)
         return Dist(device=dev)
     rank = comm.Get_rank()

@@ -128,6 +128,10 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     if gpus < 1 or gpus % tp:
         raise UserError(f"--gpus {gpus:g} must be a positive multiple of --tp {tp}.")
     dp = gpus // tp
+    if lookup(GPU_MEM_GB, gpu) is None and lookup(PEAK_TFLOPS, gpu) is None and not (gpu_mem and cfg.peak_tflops):
+        known = sorted({name for name, _ in GPU_MEM_GB + PEAK_TFLOPS})
+        raise UserError(f"--gpu {gpu!r} is not a GPU plan.py knows: {', '.join(known)}.\nHINT: one of those, or "
+                        f"describe yours with --gpu_mem GB and --peak_tflops TFLOPS.")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
     mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)
     peak = cfg.peak_tflops or (lookup(PEAK_TFLOPS, gpu) or {}).get(dtype)

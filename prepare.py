@@ -324,6 +324,9 @@ def start_or_resume(out, plan):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(out, name))
         return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a directory: prepare writes a directory of shards there.\n"
+                        f"HINT: choose another --out (the file is left as it is).")
     if os.path.isdir(out) and any(n.endswith(".bin") for n in os.listdir(out)):
         raise UserError(f"{out} holds .bin files that no unfinished prepare here owns (no plan.json); they are not "
                         f"overwritten or mixed.\nHINT: delete {out} or choose another --out.")

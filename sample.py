@@ -54,8 +54,14 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "num_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature < 0 or args.top_k < 0:
+        p.error("--temperature and --top-k must be at least 0 (0 means greedy / all tokens)")
     try:
-        sample(p.parse_args(argv))
+        sample(args)
     except UserError as e:
         sys.exit(f"error: {e}")
 

@@ -1,0 +1,95 @@
+"""Every bad input a user is likely to type, through the real command lines: a non-zero exit, no traceback, and a
+message that names the problem. {data} is a prepared data directory, {out} a fresh output directory, {run} a
+finished tiny run (checkpoints), {file} an existing plain file, {badmeta} a data directory whose meta.json is
+damaged."""
+import os
+import shutil
+
+import pytest
+
+from conftest import SMALL, run
+
+TRAIN = [*SMALL, "--data", "{data}", "--out", "{out}"]
+CASES = [
+    # train.py: flags and values
+    ("train.py", [*TRAIN, "--max_stepz", "3"], "Did you mean --max_steps"),
+    ("train.py", [*TRAIN, "--max_steps", "three"], "expects int"),
+    ("train.py", [*TRAIN, "--max_steps"], "needs a value"),
+    ("train.py", [*TRAIN, "stray"], "unexpected argument"),
+    ("train.py", ["--preset", "huge", "--data", "{data}", "--out", "{out}"], "unknown preset"),
+    ("train.py", [*SMALL, "--data", "{data}"], "--out is required"),
+    ("train.py", [*TRAIN, "--dtype", "fp8"], "not one of"),
+    ("train.py", [*TRAIN, "--lr", "nan"], "lr = nan must be a finite number"),
+    ("train.py", [*TRAIN, "--lr", "-0.1"], "lr = -0.1 must be a finite number, at least 0"),
+    ("train.py", [*TRAIN, "--time_limit_min", "inf"], "time_limit_min = inf"),
+    ("train.py", [*TRAIN, "--seq_len", "0"], "seq_len = 0 must be at least 1"),
+    ("train.py", [*TRAIN, "--max_skipped_steps", "0"], "max_skipped_steps = 0 must be at least 1"),
+    ("train.py", [*TRAIN, "--collective_timeout_s", "0"], "collective_timeout_s = 0.0 must be positive"),
+    ("train.py", [*TRAIN, "--dropout", "1.5"], "dropout = 1.5 must be in [0, 1)"),
+    ("train.py", [*TRAIN, "--recompute", "some"], "recompute = 'some' is not one of"),
+    ("train.py", [*TRAIN, "--n_embd", "66"], "n_embd = 66 is not divisible by n_head = 4"),
+    ("train.py", [*TRAIN, "--tp", "3"], "must both be divisible by tp = 3"),
+    ("train.py", [*TRAIN, "--tp", "2", "--sequence_parallel", "true", "--seq_len", "33"], "seq_len = 33"),
+    ("train.py", [*TRAIN, "--vocab_size", "1000"], "vocab_size = 1000 is not a multiple of 128"),
+    ("train.py", [*TRAIN, "--vocab_size", "128"], "smaller than the data's tokenizer"),
+    ("train.py", [*TRAIN, "--batch_tokens", "1000"], "not a multiple of micro_batch * seq_len"),
+    ("train.py", [*TRAIN, "--device", "cuda:0"], "sees no CUDA device"),
+    ("train.py", [*TRAIN, "--device", "gpu"], "'gpu' is not a device"),
+    ("train.py", [*TRAIN, "--compile", "maybe"], "expects bool"),
+    ("train.py", [*TRAIN, "--resume", "--overwrite"], "pass one of them"),
+    ("train.py", [*TRAIN, "--gpus", "8"], "--gpus belongs to --plan"),
+    ("train.py", [*SMALL, "--data", "/nonexistent/data", "--out", "{out}"], "not a prepared data directory"),
+    ("train.py", [*SMALL, "--data", "{badmeta}", "--out", "{out}"], "cannot be read as JSON"),
+    ("train.py", [*SMALL, "--data", "{data}", "--out", "{run}"], "already holds a run"),
+    ("train.py", [*SMALL, "--data", "{data}", "--out", "{run}", "--resume", "--n_layer", "3"],
+     "is from another model config"),
+    # train.py --plan
+    ("train.py", ["--preset", "tiny", "--plan", "--gpu", "H300"], "is not a GPU plan.py knows"),
+    ("train.py", ["--preset", "tiny", "--plan", "--tp", "2", "--gpus", "3"], "must be a positive multiple of --tp"),
+    ("train.py", ["--preset", "tiny", "--plan", "--mfu", "2"], "is a fraction of the peak"),
+    ("train.py", ["--preset", "tiny", "--plan", "--gpu_mem", "lots"], "take numbers"),
+    ("train.py", ["--plan"], "--preset is required"),
+    # data.py
+    ("data.py", ["frobnicate"], "invalid choice"),
+    ("data.py", ["prepare", "--input", "/nonexistent.txt", "--tokenizer", "{tok}", "--out", "{out}"],
+     "input not found"),
+    ("data.py", ["prepare", "--input", "{corpus}", "--tokenizer", "/nonexistent.tiktoken", "--out", "{out}"],
+     "is neither a file nor a usable tiktoken built-in"),
+    ("data.py", ["prepare", "--input", "{corpus}", "--tokenizer", "cl100k_base", "--out", "{out}"],
+     "do not fit uint16"),
+    ("data.py", ["prepare", "--input", "{corpus}", "--tokenizer", "{tok}", "--out", "{file}"],
+     "is a file, not a directory"),
+    ("data.py", ["prepare", "--input", "{corpus}", "--tokenizer", "{tok}", "--out", "{out}", "--val-fraction", "2"],
+     "must be between 0 and 1"),
+    ("data.py", ["train-tokenizer", "--input", "{corpus}", "--vocab-size", "10", "--out", "{out}/t.tiktoken"],
+     "is outside [257, 65,536]"),
+    # sample.py
+    ("sample.py", ["--out", "{run}", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
+    ("sample.py", ["--out", "{run}", "--temperature", "-1"], "must be at least 0"),
+    ("sample.py", ["--out", "{out}"], "no checkpoint"),
+    ("sample.py", ["--out", "{run}", "--ckpt", "/nonexistent.pt"], "cannot read checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(prepared, corpus, tokenizer, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad")
+    run("train.py", *SMALL, "--data", prepared, "--out", base / "run", "--max_steps", 2)
+    (base / "file").write_text("not a directory")
+    shutil.copytree(prepared, base / "badmeta")
+    (base / "badmeta" / "meta.json").write_text("{ not json")
+    return dict(data=prepared, corpus=corpus, tok=tokenizer, run=str(base / "run"), file=str(base / "file"),
+                badmeta=str(base / "badmeta"))
+
+
+@pytest.mark.parametrize("script, args, message", CASES, ids=[f"{i:02d}-{c[0]}" for i, c in enumerate(CASES)])
+def test_bad_input_is_a_clean_error(places, tmp_path, script, args, message):
+    before = sorted(os.listdir(places["run"]))
+    proc = run(script, *[a.format(**places, out=tmp_path / "out") for a in map(str, args)], check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert sorted(os.listdir(places["run"])) == before  # nothing earlier is lost or added
+
+
+def test_there_are_at_least_40():
+    assert len({(c[0], tuple(c[1])) for c in CASES}) >= 40
