@@ -290,7 +290,7 @@ def main(argv=None):
                                                                      "(default 20000)")
     args = p.parse_args(argv)
     import prepare  # imported here: prepare imports this module
-    from distributed import run_or_abort
+    from mpi import run_or_abort  # not distributed.py: no torch for a data job
     if args.cmd == "train-tokenizer":
         run_or_abort(lambda: prepare.train_tokenizer_cli(args.input, args.vocab_size, args.out, args.sample_mb,
                                                          args.min_chars, args.max_chars))

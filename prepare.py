@@ -392,8 +392,8 @@ def _mpi():
     tasks): a plain run, and the worker processes, never touch it."""
     if not any(v in os.environ for v in LAUNCHER_VARS) and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return 0, 1, 1, None
-    from distributed import _mpi_world
-    MPI, comm = _mpi_world()
+    from mpi import mpi_world
+    MPI, comm = mpi_world()
     if comm is None or comm.Get_size() == 1:
         return 0, 1, 1, None
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())

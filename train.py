@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from data import Batches
 from data_parallel import GradReducer, MasterAdamW, ZeroAdamW, adamw, clip_grad_norm
-from distributed import init_distributed, run_or_abort
+from distributed import init_distributed
 from errors import UserError
 from mixed_precision import grad_of, use_master_weights
 from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
+from mpi import run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
 from run_dir import Metrics, ckpt_name, prepare_out_dir, resume, save_checkpoint
 from stopping import Stopping

@@ -27,7 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import Batches  # noqa: E402
-from model import flops_per_token, make_config  # noqa: E402
 from prepare import prepare  # noqa: E402
 from tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
@@ -101,6 +100,9 @@ def main():
 
     # 2. Reader throughput on one core against one GPU's consumption.
     print("\nreader        window            tokens/s (1 core)  one H100 at 50% MFU needs   ratio")
+    # model.py imports torch: only here, so that the prepare workers above (spawned: they import this file again)
+    # start as fast as data.py's own do
+    from model import flops_per_token, make_config
     for preset, micro in (("small", 8), ("yuan-4.7b", 1)):
         cfg = make_config(preset, vocab_size=53248)
         b = Batches(out, cfg.seq_len, micro, seed=0)

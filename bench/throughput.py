@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from errors import UserError  # noqa: E402
 from model import Config, flops_per_token, make_config  # noqa: E402
-from distributed import init_distributed, run_or_abort  # noqa: E402
+from mpi import run_or_abort  # noqa: E402
+from distributed import init_distributed  # noqa: E402
 from plan import estimate  # noqa: E402
 from train import LossScaler, build, parse_bool, peak_flops, precision, resolve_dtype, train_step  # noqa: E402
 

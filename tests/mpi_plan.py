@@ -9,7 +9,8 @@ import torch.distributed as tdist  # noqa: E402
 
 from memtrack import measured_peak  # noqa: E402
 from model import make_config  # noqa: E402
-from distributed import init_distributed, run_or_abort  # noqa: E402
+from distributed import init_distributed  # noqa: E402
+from mpi import run_or_abort  # noqa: E402
 from plan import estimate  # noqa: E402
 
 

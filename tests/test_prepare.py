@@ -292,3 +292,18 @@ def test_prepared_data_trains(prepared, tmp_path):
     b = Batches(prepared, seq_len=32, micro_batch=4, seed=0)
     x, y = b.train_batch(0, 0)
     assert x.shape == (4, 32) and int(x.max()) < b.tokenizer["n_vocab"]
+
+
+def test_prepare_does_not_import_torch(corpus, tokenizer, tmp_path):
+    """torch's import costs seconds, once in the job and once in every spawned worker: a data job has no use for it
+    (issue 11). Run data.py prepare in a process that then says whether torch was ever imported."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['data.py', 'prepare', '--input', {corpus!r}, '--tokenizer', {tokenizer!r}, '--out', "
+            f"{str(tmp_path / 'd')!r}, '--workers', '2']\n"
+            "try:\n"
+            "    runpy.run_path('data.py', run_name='__main__')\n"
+            "finally:\n"
+            "    print('torch imported:', 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "torch imported: False" in proc.stdout, proc.stdout + proc.stderr
+    assert os.path.exists(tmp_path / "d" / "meta.json")
