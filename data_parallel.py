@@ -58,9 +58,10 @@ def clip_grad_norm(params, max_norm, dist):
     their squared norms are summed over the tensor-parallel group; replicated ones are identical on every rank and
     counted once. ZeRO-1 shards (dp_sharded) are disjoint slices on each data-parallel rank: summed over that group
     first. Every rank gets the same norm, so all agree on skipping an fp16 overflow step."""
-    grads = [grad_of(p) for p in params if grad_of(p) is not None]
-    sharded = [grad_of(p) for p in params if grad_of(p) is not None and getattr(p, "tp_sharded", False)]
-    replicated = [grad_of(p) for p in params if grad_of(p) is not None and not getattr(p, "tp_sharded", False)]
+    pairs = [(p, grad_of(p)) for p in params if grad_of(p) is not None]
+    grads = [g for _, g in pairs]
+    sharded = [g for p, g in pairs if getattr(p, "tp_sharded", False)]
+    replicated = [g for p, g in pairs if not getattr(p, "tp_sharded", False)]
     sq = torch.zeros(2, device=grads[0].device)
     for i, group in enumerate((sharded, replicated)):
         if group:
@@ -212,8 +213,9 @@ class ZeroAdamW:
         f, D = self.flats[b], self.dist.dp
         flat = torch.zeros_like(f["flat"])
         for p, o in zip(f["params"], f["offsets"]):
-            if grad_of(p) is not None:
-                flat[o:o + p.numel()].copy_(grad_of(p).reshape(-1))
+            grad = grad_of(p)
+            if grad is not None:
+                flat[o:o + p.numel()].copy_(grad.reshape(-1))
                 if hasattr(p, "main_grad"):
                     p.main_grad.zero_()  # ready for the next step's accumulation
                 else:

@@ -68,7 +68,7 @@ _SCATTER = "reduce_scatter_single" if hasattr(tdist, "reduce_scatter_single") el
 
 def gather_into(out, x, group, async_op=False):
     """Every rank's x, in rank order, into the one buffer out along dim 0 (no list of tensors, so no copies)."""
-    return getattr(tdist, _GATHER)(out, x, group=group, async_op=async_op)  # looked up now: bench/roofline.py wraps it
+    return getattr(tdist, _GATHER)(out, x, group=group, async_op=async_op)
 
 
 def scatter_sum_into(out, x, group, async_op=False):

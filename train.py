@@ -7,7 +7,6 @@ directory (checkpoints, resuming, metrics.jsonl) is run_dir.py.
 
 Every Config field (see model.py) can be overridden as --FIELD VALUE (dashes or underscores).
 """
-import contextlib
 import difflib
 import inspect
 import json
@@ -64,6 +63,15 @@ def parse_bool(value):
     raise ValueError(value)
 
 
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def parse_field(name, value):
+    """A Config field's value from the command line, typed by the field (ValueError when it does not parse). The
+    benchmarks parse their Config overrides with it too."""
+    return parse_bool(value) if FIELD_TYPES[name] is bool else FIELD_TYPES[name](value)
+
+
 def parse_args(argv):
     """--preset, --data, --out, --resume, --overwrite, then any Config field as --FIELD VALUE, typed by the field."""
     if "-h" in argv or "--help" in argv:
@@ -72,7 +80,7 @@ def parse_args(argv):
     opts = {"preset": None, "data": None, "out": None, "gpus": None, "gpu": None, "gpu_mem": None, "mfu": None,
             "tokens": None}
     flags = {"resume": False, "overwrite": False, "plan": False, "json": False}
-    overrides, types = {}, {f.name: f.type for f in fields(Config)}
+    overrides, types = {}, FIELD_TYPES
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -93,7 +101,7 @@ def parse_args(argv):
             opts[key] = value
         elif key in types:
             try:
-                overrides[key] = parse_bool(value) if types[key] is bool else types[key](value)
+                overrides[key] = parse_field(key, value)
             except ValueError:
                 raise UserError(f"--{key} expects {types[key].__name__}, got {value!r}.") from None
         else:
@@ -179,13 +187,6 @@ def resolve_dtype(cfg, device):
     return DTYPES[cfg.dtype]
 
 
-def precision(cfg, device):
-    """The context every forward runs in. Nothing to cast: under bf16/fp16 the model's own parameters are in that
-    dtype (master weights, mixed_precision.py), and in fp32 everything is fp32. Kept so that a benchmark or a test
-    can run a step exactly as the loop does."""
-    return contextlib.nullcontext()
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The model, its optimizer and one training step (also what bench/throughput.py times)
 
@@ -226,15 +227,15 @@ def build(cfg, dist):
     return model, opt, GradReducer(params, dist, cfg.bucket_mb), params
 
 
-def train_step(model, opt, reducer, scaler, clip_params, grad_accum, autocast, cfg, dist, batch):
+def train_step(model, opt, reducer, scaler, clip_params, grad_accum, cfg, dist, batch):
     """One optimizer step: forward and backward of the micro-batches batch(0), ..., batch(grad_accum - 1), gradient
     reduction (overlapped with the last backward), unscale and clip, AdamW. Returns (this rank's mean loss as a
-    0-d tensor, the global gradient norm, whether the step was taken)."""
+    0-d tensor, the global gradient norm, whether the step was taken). No autocast: in bf16/fp16 the model's own
+    parameters are in that dtype (master weights, mixed_precision.py)."""
     loss_sum = torch.zeros((), device=dist.device)
     for micro in range(grad_accum):
         x, y = batch(micro)
-        with autocast:
-            loss = model(x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True))[1]  # no logits
+        loss = model(x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True))[1]  # no logits
         loss_sum += loss.detach()
         if micro == grad_accum - 1:
             reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete
@@ -321,12 +322,11 @@ def train(argv):
         dist.print0("with " + ", ".join(features))
     if cfg.sequence_parallel and dist.tp == 1:
         dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
-    autocast = precision(cfg, device)
     bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, mininterval=1.0, disable=dist.rank != 0)
 
     def evaluate():  # every rank evaluates the same windows, so every rank gets the same number
         model.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             losses = [model(x.to(device), y.to(device))[1].item() for x, y in data.val_batches(cfg.eval_batches)]
         model.train()
         return sum(losses) / len(losses)
@@ -340,7 +340,7 @@ def train(argv):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, grad_norm, finite = train_step(model, opt, reducer, scaler, clip_params, grad_accum, autocast, cfg,
+        loss, grad_norm, finite = train_step(model, opt, reducer, scaler, clip_params, grad_accum, cfg,
                                              dist, lambda micro: data.train_batch(step, micro))
         if dist.dp > 1:  # for the log: the mean loss over the whole global batch
             torch.distributed.all_reduce(loss, group=dist.dp_group)

@@ -14,15 +14,14 @@ step under fake tensors (a few seconds for yuan-4.7b).
 import json
 import os
 import sys
-from dataclasses import fields
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from errors import UserError  # noqa: E402
-from model import Config, make_config  # noqa: E402
+from model import make_config  # noqa: E402
 from plan import GPU_MEM_GB, SLACK_GB, estimate, lookup  # noqa: E402
 from roofline import CATEGORIES, GPUS, GPUS_PER_NODE, project  # noqa: E402
-from train import parse_bool  # noqa: E402
+from train import FIELD_TYPES, parse_field  # noqa: E402
 
 
 def candidates(cfg, gpus):
@@ -72,14 +71,13 @@ def main(argv):
     opts, overrides = {"preset": "yuan-4.7b", "gpu": "H100", "gpus": "8", "gpu_mem": "0", "json": ""}, {}
     if len(argv) % 2:
         raise UserError("options come in pairs: --NAME VALUE (see the docstring of bench/layouts.py).")
-    types = {f.name: f.type for f in fields(Config)}
     for key, value in zip(argv[::2], argv[1::2]):
         k = key.lstrip("-").replace("-", "_")
         if k in opts:
             opts[k] = value
-        elif k in types and k not in ("tp", "zero1", "sequence_parallel"):
+        elif k in FIELD_TYPES and k not in ("tp", "zero1", "sequence_parallel"):
             try:
-                overrides[k] = parse_bool(value) if types[k] is bool else types[k](value)
+                overrides[k] = parse_field(k, value)
             except ValueError:
                 raise UserError(f"--{k}: cannot read {value!r}.") from None
         else:

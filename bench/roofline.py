@@ -5,7 +5,7 @@
     python bench/roofline.py --preset small --n_layer 4 --seq_len 256 --micro_batch 4 --dtype fp32 --accum 2 \
                              --gpu cpu --measure true      (validation: this CPU's own speeds, then the real step)
 
-How: one real train.build + train.train_step runs under FakeTensorMode (CPU fake tensors, CPU autocast: shapes and
+How: one real train.build + train.train_step runs under FakeTensorMode (CPU fake tensors: shapes and
 dtypes only, nothing allocated, so yuan-4.7b takes seconds). A TorchDispatchMode records every aten op: FLOPs
 (torch.utils.flop_counter's formulas; attention by hand, below), bytes read and written, and every collective of a
 fake process group that lets this one process stand for rank 0 of tp x dp. Each op is then priced on the GPU of
@@ -46,7 +46,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
-from dataclasses import fields, replace
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -57,26 +57,28 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import train  # noqa: E402
 from errors import UserError  # noqa: E402
-from model import Config, flops_per_token, make_config  # noqa: E402
+from model import flops_per_token, make_config  # noqa: E402
 from distributed import Dist  # noqa: E402
+from plan import PEAK_TFLOPS, lookup  # noqa: E402
 
 T, G = 1e12, 1e9
-# Fixed before any projection was made; not tuned afterwards. peak: dense tensor-core TFLOP/s (fp32: the CUDA-core
-# rate; torch does not use TF32 for matmuls unless asked). hbm, nvlink, ib: GB/s; nvlink is one direction per GPU,
-# what NCCL's bus bandwidth is measured against; ib per GPU (one NIC per GPU). Fractions: what is achieved.
+# Fixed before any projection was made; not tuned afterwards. Peaks: dense tensor-core TFLOP/s per dtype, plan.py's
+# PEAK_TFLOPS (the datasheets; train.py's MFU uses the same table; fp32: the CUDA-core rate, torch does not use TF32
+# for matmuls unless asked). hbm, nvlink, ib: GB/s; nvlink is one direction per GPU, what NCCL's bus bandwidth is
+# measured against; ib per GPU (one NIC per GPU). Fractions: what is achieved.
 GPUS = {
-    # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s bf16/fp16 dense, 67 fp32, 3.35 TB/s HBM3, NVLink 900 GB/s
-    # bidirectional; DGX H100: one ConnectX-7 NDR400 (50 GB/s) per GPU.
-    "H100": dict(bf16=989, fp16=989, fp32=67, hbm=3350, nvlink=450, ib=50, **{"mm": 0.75, "attn": 0.35}),
+    # NVIDIA H100 SXM5 datasheet: 3.35 TB/s HBM3, NVLink 900 GB/s bidirectional; DGX H100: one ConnectX-7 NDR400
+    # (50 GB/s) per GPU.
+    "H100": dict(**lookup(PEAK_TFLOPS, "H100"), hbm=3350, nvlink=450, ib=50, **{"mm": 0.75, "attn": 0.35}),
     # H200 datasheet: same compute as H100 SXM, 4.8 TB/s HBM3e, NVLink 900 GB/s; same NDR400 per GPU.
-    "H200": dict(bf16=989, fp16=989, fp32=67, hbm=4800, nvlink=450, ib=50, **{"mm": 0.75, "attn": 0.35}),
-    # A100 datasheet: 312 bf16/fp16, 19.5 fp32, 1,555 GB/s (40GB) / 2,039 GB/s (80GB SXM), NVLink 600 GB/s
-    # bidirectional; DGX A100: one HDR200 (25 GB/s) per GPU.
-    "A100-40GB": dict(bf16=312, fp16=312, fp32=19.5, hbm=1555, nvlink=300, ib=25, **{"mm": 0.80, "attn": 0.60}),
-    "A100-80GB": dict(bf16=312, fp16=312, fp32=19.5, hbm=2039, nvlink=300, ib=25, **{"mm": 0.80, "attn": 0.60}),
-    # V100 SXM2 datasheet: 125 fp16 tensor, 15.7 fp32, 900 GB/s HBM2, NVLink 300 GB/s bidirectional; no bf16;
-    # DGX-2 class nodes: EDR/HDR100 12.5 GB/s per GPU.
-    "V100-32GB": dict(fp16=125, fp32=15.7, hbm=900, nvlink=150, ib=12.5, **{"mm": 0.75, "attn": 0.30}),
+    "H200": dict(**lookup(PEAK_TFLOPS, "H200"), hbm=4800, nvlink=450, ib=50, **{"mm": 0.75, "attn": 0.35}),
+    # A100 datasheet: 1,555 GB/s (40GB) / 2,039 GB/s (80GB SXM), NVLink 600 GB/s bidirectional; DGX A100: one
+    # HDR200 (25 GB/s) per GPU.
+    "A100-40GB": dict(**lookup(PEAK_TFLOPS, "A100"), hbm=1555, nvlink=300, ib=25, **{"mm": 0.80, "attn": 0.60}),
+    "A100-80GB": dict(**lookup(PEAK_TFLOPS, "A100"), hbm=2039, nvlink=300, ib=25, **{"mm": 0.80, "attn": 0.60}),
+    # V100 SXM2 datasheet: 900 GB/s HBM2, NVLink 300 GB/s bidirectional; no bf16; DGX-2 class nodes: EDR/HDR100
+    # 12.5 GB/s per GPU.
+    "V100-32GB": dict(**lookup(PEAK_TFLOPS, "V100"), hbm=900, nvlink=150, ib=12.5, **{"mm": 0.75, "attn": 0.30}),
 }
 # Achieved fractions. mm: cuBLAS on large bf16 GEMMs reaches ~70-80% of peak on H100 (NVIDIA's published GEMM
 # results, ~700-750 TFLOP/s), ~80% on A100 (~250 TFLOP/s), ~75% on V100 (~95 TFLOP/s fp16). attn: FlashAttention-2
@@ -259,11 +261,11 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False):
         with patched(torch.nn.Module, "to", lambda old: lambda self, *a, **k: self):
             model, opt, reducer, clip_params = train.build(cfg, dist)
         train.resolve_dtype(cfg, dist.device)
-        autocast, scaler = train.precision(cfg, dist.device), train.LossScaler(enabled=cfg.dtype == "fp16")
+        scaler = train.LossScaler(enabled=cfg.dtype == "fp16")
         ids = torch.zeros(cfg.micro_batch, cfg.seq_len + 1, dtype=torch.long)
         rec = Recorder(list(model.parameters()), group, keep_tensors)
         with rec:  # one step unrecorded (phase None) first: AdamW's moments exist then, as in every later step
-            train.train_step(model, opt, reducer, scaler, clip_params, 1, autocast, cfg, dist,
+            train.train_step(model, opt, reducer, scaler, clip_params, 1, cfg, dist,
                              lambda micro: (ids[:, :-1], ids[:, 1:]))
 
         def batch(micro):  # train_step asks for micro-batch i just before its forward: a new phase begins
@@ -291,7 +293,7 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False):
             stack.enter_context(patched(scaler, "unscale_and_clip", during(optimizer=True)))
             stack.enter_context(patched(opt, "step", during(optimizer=True)))
             stack.enter_context(rec)
-            train.train_step(model, opt, reducer, scaler, clip_params, micro_batches, autocast, cfg, dist, batch)
+            train.train_step(model, opt, reducer, scaler, clip_params, micro_batches, cfg, dist, batch)
     return rec
 
 
@@ -467,13 +469,13 @@ def measure_step(preset, overrides, accum, steps=3):
     dist = Dist()
     train.resolve_dtype(cfg, dist.device)
     model, opt, reducer, clip_params = train.build(cfg, dist)
-    autocast, scaler = train.precision(cfg, dist.device), train.LossScaler(enabled=cfg.dtype == "fp16")
+    scaler = train.LossScaler(enabled=cfg.dtype == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1), generator=gen)
     walls, cpus = [], []
     for i in range(steps + 1):
         w, c = time.perf_counter(), time.process_time()
-        train.train_step(model, opt, reducer, scaler, clip_params, accum, autocast, cfg, dist,
+        train.train_step(model, opt, reducer, scaler, clip_params, accum, cfg, dist,
                          lambda micro: (ids[:, :-1], ids[:, 1:]))
         if i:
             walls.append(time.perf_counter() - w)
@@ -506,7 +508,7 @@ OPTS = {"preset": "small", "gpu": "H100", "tp": 1, "dp": 0, "gpus": 0, "accum": 
 
 def parse(argv):
     """(options, Config overrides, json target: None, "-" for stdout, or a file)."""
-    opts, overrides, as_json, types = dict(OPTS), {}, None, {f.name: f.type for f in fields(Config)}
+    opts, overrides, as_json, types = dict(OPTS), {}, None, train.FIELD_TYPES
     i = 0
     while i < len(argv):
         key = argv[i].lstrip("-").replace("-", "_")
@@ -523,7 +525,7 @@ def parse(argv):
             if key in OPTS:
                 opts[key] = train.parse_bool(value) if key == "measure" else type(OPTS[key])(value)
             elif key in types and key != "tp":
-                overrides[key] = train.parse_bool(value) if types[key] is bool else types[key](value)
+                overrides[key] = train.parse_field(key, value)
             else:
                 raise UserError(f"unknown option --{key}. Options: {', '.join('--' + k for k in (*OPTS, 'json'))}; "
                                 f"any Config field: {', '.join(sorted(types))}.")

@@ -23,24 +23,23 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import fields
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from errors import UserError  # noqa: E402
-from model import Config, flops_per_token, make_config  # noqa: E402
+from model import flops_per_token, make_config  # noqa: E402
 from mpi import run_or_abort  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from plan import estimate  # noqa: E402
-from train import LossScaler, build, parse_bool, peak_flops, precision, resolve_dtype, train_step  # noqa: E402
+from train import FIELD_TYPES, LossScaler, build, parse_field, peak_flops, resolve_dtype, train_step  # noqa: E402
 
 BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 4, "json": ""}
 
 
 def parse(argv):
     """(bench options, {field: [values]}, tp). Values are typed by the Config field, as train.py does."""
-    opts, grid, types, tp = dict(BENCH_OPTS), {"preset": ["small"]}, {f.name: f.type for f in fields(Config)}, 1
+    opts, grid, types, tp = dict(BENCH_OPTS), {"preset": ["small"]}, FIELD_TYPES, 1
     if len(argv) % 2:
         raise UserError("options come in pairs: --NAME VALUE[,VALUE...] (see the docstring of bench/throughput.py).")
     for key, value in zip(argv[::2], argv[1::2]):
@@ -55,8 +54,7 @@ def parse(argv):
             elif name == "preset":
                 grid[name] = value.split(",")
             elif name in types:
-                cast = parse_bool if types[name] is bool else types[name]
-                grid[name] = [cast(v) for v in value.split(",")]
+                grid[name] = [parse_field(name, v) for v in value.split(",")]
             else:
                 raise UserError(f"unknown option --{name}. Bench options: {', '.join(BENCH_OPTS)}, --tp, --preset; "
                                 f"any Config field: {', '.join(sorted(types))}.")
@@ -80,14 +78,13 @@ def measure(preset, overrides, dist, opts):
     try:
         model, opt, reducer, clip_params = build(cfg, dist)
         scaler = LossScaler(enabled=cfg.dtype == "fp16")
-        autocast = precision(cfg, dist.device)
         gen = torch.Generator().manual_seed(cfg.seed + dist.dp_rank)
         ids = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1), generator=gen).to(dist.device)
         batch = lambda micro: (ids[:, :-1], ids[:, 1:])  # noqa: E731
         times = []
         for i in range(opts["warmup"] + opts["steps"]):
             t0 = time.perf_counter()
-            loss, _, _ = train_step(model, opt, reducer, scaler, clip_params, opts["accum"], autocast, cfg, dist,
+            loss, _, _ = train_step(model, opt, reducer, scaler, clip_params, opts["accum"], cfg, dist,
                                     batch)
             loss.item()  # waits for the device
             if dist.world > 1:  # the slowest rank sets the pace

@@ -83,6 +83,7 @@ def main():
                       batch_tokens=args.seq_len * args.micro_batch, **extra)
     dist = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(cfg, dist.device)
+    # the plain model as plain PyTorch code runs it: fp32 weights under autocast (ours holds bf16 working weights)
     autocast = torch.autocast(dist.device.type, dtype=dtype, enabled=cfg.dtype != "fp32")
 
     ours, opt, reducer, clip_params = build(cfg, dist)
@@ -104,7 +105,7 @@ def main():
             sync()
             t0 = time.perf_counter()
             if name == "nanoyuan":
-                loss, _, _ = train_step(ours, opt, reducer, scaler, clip_params, 1, autocast, cfg, dist,
+                loss, _, _ = train_step(ours, opt, reducer, scaler, clip_params, 1, cfg, dist,
                                         lambda micro: (x, y))
             else:
                 loss = plain_step(plain, plain_opt, x, y, autocast)

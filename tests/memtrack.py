@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from distributed import Dist
-from train import LossScaler, build, precision, train_step
+from train import LossScaler, build, train_step
 
 
 class LiveBytes(TorchDispatchMode):
@@ -48,5 +48,5 @@ def measured_peak(cfg, steps=2, accum=2, dist=None):
         for _ in range(steps):
             mem.peak = mem.live
             batch = lambda micro: (torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len)),) * 2  # noqa: E731
-            train_step(model, opt, reducer, scaler, clip_params, accum, precision(cfg, dist.device), cfg, dist, batch)
+            train_step(model, opt, reducer, scaler, clip_params, accum, cfg, dist, batch)
     return mem.peak

@@ -8,7 +8,7 @@ from data_parallel import adamw
 from mixed_precision import accumulate_wgrad, fp32_state_dict, load_fp32_state_dict
 from model import Yuan, make_config
 from distributed import Dist
-from train import LossScaler, build, precision, train_step
+from train import LossScaler, build, train_step
 
 STEPS, ACCUM = 5, 2
 
@@ -29,7 +29,7 @@ def train(dtype):
     scaler, losses = LossScaler(enabled=dtype == "fp16"), []
     for s in range(STEPS):
         batch = lambda m: (data[s, m, :, :-1], data[s, m, :, 1:])  # noqa: E731
-        losses.append(train_step(model, opt, reducer, scaler, clip, ACCUM, precision(cfg, dist.device), cfg, dist,
+        losses.append(train_step(model, opt, reducer, scaler, clip, ACCUM, cfg, dist,
                                  batch)[0].item())
     return losses, model, opt
 
