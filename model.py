@@ -58,6 +58,7 @@ class Config:
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
     # --- parallelism (parallel.py, data_parallel.py) ---
     collective_timeout_s: float = 300.0  # a rank that does not arrive in a collective this long ends the job
+    iface: str = ""  # network interface between hosts (ib0, eth1); empty: the one that reaches rank 0 (rendezvous.py)
     tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
     sequence_parallel: bool = False  # with tp > 1: LayerNorm/dropout activations split over the tp group along T
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients

@@ -61,17 +61,20 @@ def run_or_abort(main):
             sys.exit(code)
         return
     except UserError as e:
-        message, timed_out = f"error: {e}", False
+        message, timed_out, shared = f"error: {e}", False, e.shared
     except Exception as e:
         timed_out = "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower()
         # a timeout's traceback only says which wait gave up; report_missing below says what matters
-        message = f"{type(e).__name__}: {e}" if timed_out else traceback.format_exc()
+        message, shared = f"{type(e).__name__}: {e}" if timed_out else traceback.format_exc(), False
     MPI, comm = mpi_world()
-    print((f"rank {comm.Get_rank()}: " if comm is not None and comm.Get_size() > 1 else "") + message,
-          file=sys.stderr, flush=True)
-    if comm is not None and comm.Get_size() > 1 and timed_out:
+    several = comm is not None and comm.Get_size() > 1
+    if shared and several and comm.Get_rank() != 0:
+        time.sleep(2.0)  # rank 0 prints the message every rank has, and aborts the job
+    else:
+        print((f"rank {comm.Get_rank()}: " if several else "") + message, file=sys.stderr, flush=True)
+    if several and timed_out:
         report_missing(MPI, comm)
-    if comm is not None and comm.Get_size() > 1:
+    if several:
         # Abort kills every rank and the launcher's forwarding of their output at once: a second's wait lets the
         # message above reach the user (seen lost once in ~100 runs when every rank failed together).
         time.sleep(1.0)

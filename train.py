@@ -272,7 +272,7 @@ def train(argv):
         return plan_from_args(opts, flags, overrides)
     cfg = make_config(opts["preset"], **overrides)
     out = opts["out"]
-    dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s)
+    dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface)
     device = dist.device
     resolve_dtype(cfg, device)  # "auto" becomes the device's dtype
 

@@ -75,6 +75,9 @@ def test_tp2_resume_is_exact_and_other_tp_refused(prepared, tmp_path):
 def test_tp_errors_name_the_numbers(prepared, tmp_path):
     proc = mpi_train(2, *SMALL, "--data", prepared, "--out", tmp_path / "r", "--tp", 4, check=False)
     assert proc.returncode != 0 and "world size 2 is not divisible by --tp 4" in proc.stderr
+    assert proc.stderr.count("error:") == 1  # every rank knows it; rank 0 alone says it
+    proc = mpi_train(2, *SMALL, "--data", prepared, "--out", tmp_path / "r", "--iface", "eth9", check=False)
+    assert proc.returncode != 0 and "--iface eth9: this host" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("train.py", *SMALL, "--data", prepared, "--out", tmp_path / "r", "--tp", 3, check=False)
     assert proc.returncode != 0 and "n_head = 4" in proc.stderr and "Traceback" not in proc.stderr
 
