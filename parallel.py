@@ -267,7 +267,7 @@ def _sharded(shape, dim, dist):
     local = list(shape)
     local[dim] //= dist.tp
     p = nn.Parameter(torch.empty(local))
-    p.tp_sharded = True
+    p.tp_sharded, p.tp_dim = True, dim  # tp_dim: where checkpoint.py merges and cuts the slices
     return p
 
 

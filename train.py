@@ -1,6 +1,6 @@
 """Train a Yuan model. Reads top to bottom in the order things happen:
-config -> data -> model -> optimizer -> loop (lr, micro-batches, clip, step, log, eval, checkpoint). The output
-directory (checkpoints, resuming, metrics.jsonl) is run_dir.py.
+config -> data -> model -> optimizer -> loop (lr, micro-batches, clip, step, log, eval, checkpoint). Checkpoints
+and resuming (at any tensor-parallel size) are checkpoint.py; metrics.jsonl and the output directory, run_dir.py.
 
     python train.py --preset tiny --data out/data/sanguo --out out/tiny [--max-steps 300] [--resume] [--dtype fp32]
     python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--recompute full] [--json]
@@ -29,7 +29,8 @@ from mixed_precision import grad_of, use_master_weights
 from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from mpi import run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
-from run_dir import Metrics, ckpt_name, prepare_out_dir, resume, save_checkpoint
+from checkpoint import ckpt_name, resume, save_checkpoint
+from run_dir import Metrics, prepare_out_dir
 from stopping import Stopping
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

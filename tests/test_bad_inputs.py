@@ -63,10 +63,17 @@ CASES = [
      "must be between 0 and 1"),
     ("data.py", ["train-tokenizer", "--input", "{corpus}", "--vocab-size", "10", "--out", "{out}/t.tiktoken"],
      "is outside [257, 65,536]"),
+    # export.py
+    ("export.py", ["--out", "{out}", "--to", "{out}/hf"], "no complete checkpoint"),
+    ("export.py", ["--out", "{run}", "--to", "{out}", "--step", "99"], "no complete checkpoint of step 99"),
+    ("export.py", ["--out", "{run}", "--to", "{file}"], "is a file; the export is a directory"),
+    ("export.py", ["--out", "{run}", "--to", "{out}", "--dtype", "fp8"], "invalid choice"),
     # sample.py
     ("sample.py", ["--out", "{run}", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
     ("sample.py", ["--out", "{run}", "--temperature", "-1"], "must be at least 0"),
-    ("sample.py", ["--out", "{out}"], "no checkpoint"),
+    ("sample.py", ["--out", "{out}"], "no complete checkpoint"),
+    ("sample.py", ["--out", "{run}", "--step", "1"], "no complete checkpoint of step 1"),
+    ("sample.py", ["--prompt", "x"], "--out (a run's directory) or --ckpt"),
     ("sample.py", ["--out", "{run}", "--ckpt", "/nonexistent.pt"], "cannot read checkpoint"),
 ]
 

@@ -1,4 +1,4 @@
-"""What happens when a run is stopped or goes wrong (stopping.py, run_dir.py): batch-system signals and the time
+"""What happens when a run is stopped or goes wrong (stopping.py, checkpoint.py): batch-system signals and the time
 limit (a checkpoint, exit 75, an exact resume), a second signal, divergence, a full file system while a checkpoint
 is written, and an unreadable newest checkpoint."""
 import os

@@ -207,7 +207,7 @@ def test_missing_data_dir(tmp_path):
 
 def test_sample_without_checkpoint(tmp_path):
     proc = run("sample.py", "--out", tmp_path, check=False)
-    assert proc.returncode != 0 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "no complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mfu_with_given_peak(prepared, tmp_path):

@@ -1,0 +1,255 @@
+"""Checkpoints: one file per tensor-parallel rank, written atomically, the newest keep_ckpts kept; resuming from
+them at the layout they were written with or at another one (resharding); one consolidated model for sample.py and
+export.py. Metrics and the output directory's other files are run_dir.py's.
+
+    OUT/ckpt_0000100.pt            tp = 1: model (fp32), optimizer (torch AdamW's format), loss scale, generators
+    OUT/ckpt_0000100.tp0of2.pt     tp = 2: each tensor-parallel rank's shard (data-parallel rank 0 writes it)
+
+A shard holds this rank's slice of every split parameter (parallel.py marks each with the dimension it is split
+along, `tp_dim`: 0 for column-parallel weights and biases and the vocabulary-parallel embedding, 1 for row-parallel
+weights) and a copy of every replicated one; the AdamW moments are shaped like their parameters. So a checkpoint
+written at tp = T becomes one at tp = T' by concatenating each split tensor's T slices along its dimension and
+cutting the result into T' slices; the data position (seed, step) and the loss scale do not depend on the layout.
+Data parallelism needs nothing: data-parallel rank 0 writes the full optimizer state (ZeRO-1 gathers it first).
+"""
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict, fields, replace
+
+import torch
+import torch.distributed as tdist
+
+from errors import UserError
+from mixed_precision import fp32_state_dict, load_fp32_state_dict
+from model import MODEL_FIELDS, Config, Yuan
+
+CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
+
+
+def ckpt_name(step, tp=1, tp_rank=0):
+    return f"ckpt_{step:07d}.pt" if tp == 1 else f"ckpt_{step:07d}.tp{tp_rank}of{tp}.pt"
+
+
+def ckpt_files(out):
+    """[(step, tp, tp_rank, path)] of every complete checkpoint file in out (a half-written one is still *.tmp)."""
+    files = []
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        m = CKPT_RE.match(name)
+        if m:
+            files.append((int(m[1]), int(m[3] or 1), int(m[2] or 0), os.path.join(out, name)))
+    return sorted(files)
+
+
+def checkpoints(out, tp=1, tp_rank=0):
+    """{step: this tp rank's file} for the steps whose every tensor-parallel shard is on disk, oldest first."""
+    shards = {}
+    for step, t, r, _ in ckpt_files(out):
+        if t == tp:
+            shards.setdefault(step, set()).add(r)
+    return {s: os.path.join(out, ckpt_name(s, tp, tp_rank)) for s, ranks in shards.items() if len(ranks) == tp}
+
+
+def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=None):
+    """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies).
+    Then the oldest beyond keep_ckpts are deleted, except step `protect` (the last one written before a run of
+    skipped steps: train.py keeps it while the trouble lasts). A write that fails (full disk, quota, permission) is
+    a UserError naming the path and the size; its .tmp is removed and the older checkpoints stay."""
+    opt_state = opt.state_dict()  # with --zero1 a collective (the moments are gathered): every rank calls it
+    if dist.dp_rank != 0:
+        return
+    # The data position is (seed, step): Batches reads step s from the permuted epochs that (seed, s) determine.
+    state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": fp32_state_dict(model),
+             "data_position": {"seed": cfg.seed, "next_step": step + 1},
+             "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
+             "optimizer": opt_state, "scaler": scaler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "tp": dist.rng.state if dist.rng.state is not None else torch.zeros(0, dtype=torch.uint8)}}
+    path = os.path.join(out, ckpt_name(step, dist.tp, dist.tp_rank))
+    size, free = tensor_bytes(state), shutil.disk_usage(out).free
+    if free < size:
+        print(f"warning: rank {dist.rank}: {path} needs about {size / 1e9:.2f} GB and {free / 1e9:.2f} GB are free",
+              file=sys.stderr, flush=True)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: the name ckpt_*.pt only ever points at a complete file
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"cannot write checkpoint {path} ({type(e).__name__}: {str(e)[:200]}). It needs about "
+                        f"{size / 1e9:.3f} GB; {shutil.disk_usage(out).free / 1e9:.3f} GB are free there. The "
+                        f"half-written file is removed and the older checkpoints are kept.\nHINT: free space (or "
+                        f"point --out at a larger file system, copying the run there) and run again with --resume."
+                        ) from None
+    mine = [(s, p) for s, t, r, p in ckpt_files(out) if (t, r) == (dist.tp, dist.tp_rank)]
+    for s, old in mine[:-cfg.keep_ckpts]:
+        if s != protect:
+            os.remove(old)
+
+
+def tensor_bytes(tree):
+    """Bytes of the tensors in nested dicts and lists: what torch.save will write, about."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(tensor_bytes(t) for t in items)
+
+
+def load_checkpoint(path, mmap=False):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def all_ranks(flag, dist):
+    """Whether flag holds on every rank (a collective: every rank calls it)."""
+    if dist.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def check_compatible(ckpt, cfg, tokenizer, path):
+    """A checkpoint continues only a run of the same model shape and tokenizer."""
+    diff = [f"{k}: checkpoint {ckpt['config'][k]} vs now {getattr(cfg, k)}"
+            for k in MODEL_FIELDS if ckpt["config"][k] != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"checkpoint {path} is from another model config:\n  " + "\n  ".join(diff) +
+                        "\nHINT: use the same --preset and overrides as the run that wrote it, or another --out.")
+    if ckpt["tokenizer"]["hash"] != tokenizer["hash"]:
+        raise UserError(f"checkpoint {path} was trained with tokenizer {ckpt['tokenizer']['name']}, but the data "
+                        f"was prepared with {tokenizer['name']} (different hash).\nHINT: pass the --data it was "
+                        f"trained on.")
+
+
+def complete_steps(out):
+    """{step: [tensor-parallel sizes at which every shard of that step is on disk]}, oldest first."""
+    shards = {}
+    for step, t, r, _ in ckpt_files(out):
+        shards.setdefault((step, t), set()).add(r)
+    steps = {}
+    for (step, t), ranks in sorted(shards.items()):
+        if len(ranks) == t:
+            steps.setdefault(step, []).append(t)
+    return steps
+
+
+def config_of(ckpt):
+    """The Config a checkpoint was written with (fields this version does not know are dropped)."""
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+
+
+def split_dims(cfg):
+    """{parameter name: the dimension its tensor-parallel slices are cut along, or None for a replicated one}, and
+    the names in the optimizer's order (train.build: matrices and embeddings first, then the rest). From the model
+    built on the meta device: nothing allocated."""
+    with torch.device("meta"):
+        model = Yuan(replace(cfg, tp=1, sequence_parallel=False, dropout=0.0))
+    named = list(model.named_parameters())
+    order = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+    return {n: getattr(p, "tp_dim", None) for n, p in named}, order
+
+
+def reshard(shards, tp, tp_rank):
+    """Rank tp_rank's checkpoint at tensor-parallel size tp, from every shard (in rank order) of one written at
+    another size: model and AdamW moments merged and cut again; everything else from shard 0. The dropout
+    generator of a tensor-parallel rank that did not exist is left as seeded (its masks differ from an
+    uninterrupted run's; with dropout 0, the default, nothing does)."""
+    dims, order = split_dims(config_of(shards[0]))
+
+    def cut(name, tensors):
+        dim = dims.get(name)
+        if dim is None:
+            return tensors[0]
+        return torch.cat(tensors, dim).chunk(tp, dim)[tp_rank].clone()
+
+    model = {name: cut(name, [s["model"][name] for s in shards]) for name in shards[0]["model"]}
+    state = {i: {k: v if k == "step" else cut(order[i], [s["optimizer"]["state"][i][k] for s in shards])
+                 for k, v in st.items()} for i, st in shards[0]["optimizer"]["state"].items()}
+    tp_rng = shards[tp_rank]["rng"]["tp"] if tp_rank < len(shards) else torch.zeros(0, dtype=torch.uint8)
+    return {**shards[0], "model": model, "optimizer": {**shards[0]["optimizer"], "state": state},
+            "rng": {**shards[0]["rng"], "tp": tp_rng}, "layout": {**shards[0]["layout"], "tp": tp, "tp_rank": tp_rank}}
+
+
+def load_step(out, step, written_tp, tp, tp_rank):
+    """This rank's checkpoint of `step` at tp: its own file if the step was written at tp, else resharded from
+    every file of the layout it was written at (memory-mapped: only the slices needed are read)."""
+    if written_tp == tp:
+        paths = [os.path.join(out, ckpt_name(step, tp, tp_rank))]
+    else:
+        paths = [os.path.join(out, ckpt_name(step, written_tp, r)) for r in range(written_tp)]
+    shards = [load_checkpoint(p, mmap=written_tp != tp) for p in paths]
+    for path, shard in zip(paths, shards):
+        if shard["step"] != step:
+            raise UserError(f"checkpoint {path} says it is step {shard['step']}")
+    return (shards[0] if written_tp == tp else reshard(shards, tp, tp_rank)), paths[0]
+
+
+def consolidated(out, step=None):
+    """One checkpoint of the whole model (tp = 1) from the newest complete step in out, or `step`, whatever layout
+    wrote it. Returns (checkpoint, a description of where it came from)."""
+    steps = complete_steps(out)
+    if not steps:
+        hint = "some shards are missing" if ckpt_files(out) else "there is none"
+        raise UserError(f"no complete checkpoint (ckpt_*.pt) in {out}: {hint}.\nHINT: train first (python train.py "
+                        f"--out {out} ...), or point --out at the run's directory.")
+    if step is None:
+        step = max(steps)
+    if step not in steps:
+        raise UserError(f"no complete checkpoint of step {step} in {out}; complete steps: {sorted(steps)}.")
+    written = steps[step][0]
+    ckpt, path = load_step(out, step, written, 1, 0)
+    ckpt["config"] = {**ckpt["config"], "tp": 1, "sequence_parallel": False}
+    where = path if written == 1 else f"{path} and the other {written - 1} shard(s), merged"
+    return ckpt, where
+
+
+def resume(out, model, opt, scaler, cfg, tokenizer, dist):
+    """--resume: load the newest checkpoint whose every shard every rank can read (model, optimizer, loss scale,
+    every generator) and return its step; 0 when out holds none. An unreadable newest one (truncated by a crash, a
+    full disk) is named, and the next older one is tried. A checkpoint written at another tensor-parallel size is
+    resharded to this one."""
+    steps = complete_steps(out)
+    if not steps:
+        if ckpt_files(out):
+            raise UserError(f"{out} holds checkpoint shards but no step with all of its shards "
+                            f"({', '.join(os.path.basename(p) for *_, p in ckpt_files(out))}).\nHINT: copy the missing "
+                            f"shards back, or start again with --overwrite.")
+        dist.print0(f"--resume: no checkpoint in {out}, starting from step 0")
+        return 0
+    newest, ckpt = max(steps), None
+    for step in sorted(steps, reverse=True):  # every rank walks the same steps (the complete ones) in the same order
+        written = dist.tp if dist.tp in steps[step] else steps[step][-1]
+        try:
+            ckpt, path = load_step(out, step, written, dist.tp, dist.tp_rank)
+        except UserError as e:
+            print(f"rank {dist.rank}: {e}", file=sys.stderr, flush=True)
+            ckpt = None
+        if all_ranks(ckpt is not None, dist):
+            break
+        ckpt = None
+    if ckpt is None:
+        raise UserError(f"no checkpoint in {out} can be read by every rank (the reasons are above).\nHINT: move the "
+                        f"broken files away and --resume from what is left, or start again with --overwrite.")
+    check_compatible(ckpt, cfg, tokenizer, path)
+    load_fp32_state_dict(model, ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] and dist.device.type == "cuda":
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt["rng"]["tp"].numel():
+        dist.rng.state = ckpt["rng"]["tp"]
+    changed = [k for k, v in ckpt["config"].items() if k not in ("max_steps", "tp") and getattr(cfg, k, v) != v]
+    if step != newest:
+        dist.print0(f"--resume: the newest checkpoint (step {newest}) cannot be read; falling back to step {step}")
+    if written != dist.tp:
+        dist.print0(f"--resume: step {step} was written at tp {written}; resharded to tp {dist.tp}" +
+                    (" (dropout masks of the new tp ranks differ from an uninterrupted run's)" if cfg.dropout else ""))
+    dist.print0(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
+    return step
