@@ -50,6 +50,7 @@ class Config:
     eval_interval: int = 50  # evaluate on the val shards every N steps (and after the last)
     eval_batches: int = 8  # micro-batches per evaluation
     log_interval: int = 1  # training rows in metrics.jsonl every N steps
+    tensorboard: bool = True  # TensorBoard events in OUT/tensorboard (when the tensorboard package is installed)
     ckpt_interval: int = 100  # checkpoint every N steps (and after the last)
     keep_ckpts: int = 2  # how many recent checkpoints to keep
     time_limit_min: float = 0.0  # checkpoint and exit (code 75) before this many minutes of wall time; 0: no limit
@@ -205,9 +206,25 @@ class Attention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)  # [B, nh/tp, T, hd]
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, C/tp]
 
-    def forward(self, x):
+    def cached_core(self, qkv, cache):
+        """Generation's core (one process): the new tokens' queries over the cached keys and values and their own.
+        cache: this layer's {"k", "v": [B, nh, seq_len, hd], "n": tokens held}, extended in place."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
+        n = cache["n"]
+        if T > 1 and n:  # is_causal below aligns the mask top-left, right only when the cache starts empty
+            raise ValueError("feed several tokens only into an empty cache, then one at a time")
+        cache["k"][:, :, n:n + T], cache["v"][:, :, n:n + T] = k, v
+        cache["n"] = n + T
+        y = F.scaled_dot_product_attention(q, cache["k"][:, :, :n + T], cache["v"][:, :, :n + T], is_causal=T > 1)
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, C]
+
+    def forward(self, x, cache=None):
         qkv = self.qkv(x)  # [B, T, C] (sequence parallel: [B, T/tp, C], gathered inside) -> [B, T, 3C/tp]
-        y = checkpoint(self.core, self.dist, qkv) if self.recompute and self.training else self.core(qkv)
+        if cache is not None:
+            y = self.cached_core(qkv, cache)
+        else:
+            y = checkpoint(self.core, self.dist, qkv) if self.recompute and self.training else self.core(qkv)
         return self.resid_drop(self.proj(y))  # [B, T, C] replicated (sequence parallel: [B, T/tp, C])
 
 
@@ -233,8 +250,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg, dist)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -273,20 +290,25 @@ class Yuan(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """idx [B, T] token ids. Returns logits [B, T, V/tp] (this rank's vocabulary slice) and, with targets
-        [B, T], the mean cross-entropy over the whole vocabulary."""
+        [B, T], the mean cross-entropy over the whole vocabulary. cache (generation, one process: new_cache()):
+        idx continues the tokens the cache holds, and their keys and values are added to it."""
         B, T = idx.shape
-        if T > self.cfg.seq_len:
-            raise UserError(f"sequence of {T} tokens is longer than seq_len = {self.cfg.seq_len}.")
-        pos = torch.arange(T, device=idx.device)
+        past = cache[0]["n"] if cache is not None else 0
+        if past + T > self.cfg.seq_len:
+            raise UserError(f"sequence of {past + T} tokens is longer than seq_len = {self.cfg.seq_len}.")
+        pos = torch.arange(past, past + T, device=idx.device)
         if self.sp:  # the residual stream holds this rank's slice of the sequence: [B, T/tp, C] up to the head
             if T % self.dist.tp:
                 raise UserError(f"sequence parallelism needs sequences divisible by tp = {self.dist.tp}, got {T}.")
             pos = pos.chunk(self.dist.tp)[self.dist.tp_rank]
         x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, C]
-        for block in self.blocks:  # --recompute full keeps only each block's input and reruns it in backward
-            x = checkpoint(block, self.dist, x) if self.cfg.recompute == "full" and self.training else block(x)
+        for i, block in enumerate(self.blocks):  # --recompute full keeps each block's input, reruns it in backward
+            if cache is not None:
+                x = block(x, cache[i])
+            else:
+                x = checkpoint(block, self.dist, x) if self.cfg.recompute == "full" and self.training else block(x)
         x = self.ln_f(x)
         logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp)  # tied head: [B, T, V/tp]
         if targets is None:
@@ -294,26 +316,59 @@ class Yuan(nn.Module):
         loss = vocab_parallel_cross_entropy(logits.view(B * T, -1), targets.reshape(-1), self.dist, self.wte.start)
         return logits, loss
 
+    def new_cache(self, batch):
+        """Empty keys and values for generation, one dict per layer: {"k", "v": [B, nh, seq_len, hd], "n": 0}."""
+        if self.dist.tp > 1:
+            raise UserError("generation runs in one process (tp = 1); sample.py merges tensor-parallel shards.")
+        w = self.wpe.weight
+        shape = (batch, self.cfg.n_head, self.cfg.seq_len, self.cfg.head_dim)
+        return [{"k": w.new_empty(shape), "v": w.new_empty(shape), "n": 0} for _ in self.blocks]
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
-        """Sample continuations of idx [B, T0]. temperature 0 means greedy; top_k keeps the k likeliest tokens.
-        Single process only (tp = 1): sample.py loads a checkpoint into one process."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_token=None, generator=None,
+                 use_cache=True):
+        """Continue idx [B, T0] by up to max_new_tokens, returning [B, T0 + new]. temperature 0 is greedy; top_k
+        keeps the k likeliest tokens, top_p the smallest set whose probability reaches p. A row that produced
+        stop_token continues with it; generation ends when every row has. With the KV cache each new token costs
+        one token's forward; the context holds seq_len tokens (learned absolute positions), and when it is full the
+        cache starts again from the last seq_len / 2. use_cache=False recomputes the last seq_len tokens for
+        every new one (the reference the cache is tested against)."""
+        T, B = self.cfg.seq_len, idx.size(0)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.seq_len:])
-            logits = logits[:, -1, :].float()  # [B, V]
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
+            if not use_cache:
+                logits = self(idx[:, -T:])[0]
+            elif cache is None or cache[0]["n"] == T:  # start (or start again): the prompt's last tokens at once
+                cache = self.new_cache(B) if cache is None else cache
+                for layer in cache:
+                    layer["n"] = 0
+                logits = self(idx[:, -(T // 2 if idx.size(1) >= T else T):], cache=cache)[0]
             else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # [B, 1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # [B, 1]
+                logits = self(idx[:, -1:], cache=cache)[0]  # [B, 1, V]
+            nxt = next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # [B, 1]
+            if stop_token is not None:
+                nxt = nxt.masked_fill(done[:, None], stop_token)
+                done |= nxt[:, 0] == stop_token
             idx = torch.cat([idx, nxt], dim=1)
-            if stop_token is not None and bool((nxt == stop_token).all()):
+            if bool(done.all()):
                 break
         return idx
 
+
+def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row from logits [B, V] -> [B, 1]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: drop the tokens after the smallest prefix of the sorted distribution reaching top_p
+        probs, order = torch.sort(F.softmax(logits, dim=-1), dim=-1, descending=True)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 if __name__ == "__main__":
     print(f"{'preset':<10} {'layers':>6} {'hidden':>6} {'heads':>5} {'ffn':>6} {'seq':>5} {'vocab':>6} "

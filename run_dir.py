@@ -1,23 +1,48 @@
-"""The run's output directory: metrics.jsonl, and the refusal to start a new run over an old one. Its checkpoints
-are checkpoint.py's.
+"""What a run leaves for people to look at: the output directory's metrics.jsonl and TensorBoard events, the
+console (a progress bar on a terminal, plain lines in a batch log), and the refusal to start a new run over an old
+one. Its checkpoints are checkpoint.py's.
 
     OUT/ckpt_*.pt                  checkpoints (checkpoint.py)
     OUT/metrics.jsonl              one JSON object per line (metrics.rewound.jsonl: rows a resume rewound)
+    OUT/tensorboard/               TensorBoard event files (`tensorboard --logdir OUT`)
     OUT/config.json, tokenizer.*   a record of the run, and the tokenizer for sample.py
 """
+import datetime
 import json
 import os
+import shutil
+import sys
+import time
 
 from checkpoint import CKPT_RE
 from errors import UserError
+
+TB_TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "lr", "grad_norm": "grad_norm",
+           "tokens_per_s": "speed/tokens_per_s", "mfu": "speed/mfu", "loss_scale": "loss_scale", "skipped": "skipped"}
+
+
+def tensorboard_writer(out, resume_step, asked):
+    """A SummaryWriter on OUT/tensorboard, or None. asked: True (--tensorboard true: the package must be there),
+    None (the default: on when the `tensorboard` package is installed), False (off). purge_step hides the events an
+    interrupted run wrote after the checkpoint it is resumed from, as metrics.jsonl moves its rows."""
+    if asked is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if asked:
+            raise UserError("--tensorboard true, but the `tensorboard` package is not installed.\nHINT: "
+                            ".venv/bin/pip install tensorboard, or --tensorboard false.") from None
+        return None
+    return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
 
 class Metrics:
     """OUT/metrics.jsonl, one JSON object per line. On resume, rows past the checkpoint's step (written after it,
     before the interruption) are moved to metrics.rewound.jsonl, so metrics.jsonl reads as one clean run."""
 
-    def __init__(self, out, resume_step, enabled=True):
-        self.file = None
+    def __init__(self, out, resume_step, enabled=True, tensorboard=None):
+        self.file = self.tb = None
         if not enabled:  # logging happens on rank 0 only
             return
         self.path = os.path.join(out, "metrics.jsonl")
@@ -33,12 +58,66 @@ class Metrics:
                 os.replace(self.path + ".tmp", self.path)
                 print(f"metrics: {len(rows) - len(keep)} rows after step {resume_step} moved to metrics.rewound.jsonl")
         self.file = open(self.path, "a")
+        self.tb = tensorboard_writer(out, resume_step, tensorboard)
 
     def log(self, **row):
         if self.file is None:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if self.tb is not None:
+            for key, tag in TB_TAGS.items():
+                if row.get(key) is not None:
+                    self.tb.add_scalar(tag, float(row[key]), row["step"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def clock(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class Console:
+    """What rank 0 prints while training. On a terminal, tqdm's bar. Otherwise (a Slurm or PBS log, a pipe) plain
+    lines, no carriage returns: the first step, then one at the next multiple of log_interval once 30 s have passed
+    since the last line, and the last step, each with step, loss, lr, grad norm, tokens/s, MFU, elapsed time and ETA.
+    Evaluations and notes are lines in both cases."""
+
+    def __init__(self, cfg, start_step, enabled, every_s=30.0):
+        self.cfg, self.enabled, self.every_s = cfg, enabled, every_s
+        self.t0 = self.last = time.time()
+        self.start, self.bar = start_step, None
+        if enabled and sys.stdout.isatty() and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.max_steps, initial=start_step, dynamic_ncols=True, mininterval=1.0)
+
+    def step(self, step, loss, lr, grad_norm, tok_s, mfu):
+        if not self.enabled:
+            return
+        mfu_text = "n/a" if mfu is None else f"{mfu:.1%}"
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=mfu_text, refresh=False)
+            self.bar.update()
+            return
+        now = time.time()
+        due = now - self.last >= self.every_s and step % self.cfg.log_interval == 0
+        if step == self.start + 1 or step == self.cfg.max_steps or due:
+            self.last = now
+            eta = (now - self.t0) / (step - self.start) * (self.cfg.max_steps - step)
+            print(f"step {step}/{self.cfg.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
+                  f"{tok_s:,.0f} tok/s | MFU {mfu_text} | elapsed {clock(now - self.t0)} | ETA {clock(eta)}",
+                  flush=True)
+
+    def write(self, text):
+        if self.enabled:
+            (self.bar.write if self.bar is not None else lambda t: print(t, flush=True))(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def prepare_out_dir(out, resume, overwrite, dist):
@@ -57,6 +136,9 @@ def prepare_out_dir(out, resume, overwrite, dist):
         old += [n for n in names if n in ("config.json", "tokenizer.tiktoken", "tokenizer.json")]
         for name in old:
             os.remove(os.path.join(out, name))
+        if os.path.isdir(os.path.join(out, "tensorboard")):
+            shutil.rmtree(os.path.join(out, "tensorboard"))
+            old.append("tensorboard/")
         print(f"--overwrite: deleted {len(old)} files of the earlier run in {out}")
 
 

@@ -1,23 +1,29 @@
 """Generate text from a checkpoint.
 
     python sample.py --out out/tiny --prompt "话说天下大势" [--max-new-tokens 200] [--temperature 0.8] [--top-k 50]
+    python sample.py --out out/tiny --prompt-file prompt.txt --top-p 0.9 --seed 7 --num-samples 4
+    echo "却说曹操" | python sample.py --out out/tiny --prompt-file -
 
-Loads the newest checkpoint in --out (or --ckpt PATH) and the tokenizer that train.py copied beside it.
+Loads the newest complete checkpoint in --out (or --step N, or --ckpt PATH), whatever tensor-parallel layout wrote it
+(the shards are merged), and the tokenizer that train.py copied beside it. Generation uses a KV cache (model.py,
+Yuan.generate) and stops a sample at <|endoftext|>. The speed goes to stderr, the text to stdout.
 """
 import argparse
 import os
 import sys
+import time
 from dataclasses import replace
 
 import torch
 
-from tokenizer import load_tokenizer
+from checkpoint import config_of, consolidated, load_checkpoint
 from errors import UserError
 from model import Yuan
-from checkpoint import config_of, consolidated, load_checkpoint
+from tokenizer import load_tokenizer
 
 
-def sample(args):
+def load_model(args):
+    """(model in eval mode, tiktoken encoding, tokenizer info, checkpoint step, where it came from)."""
     if args.ckpt:
         ckpt, where = load_checkpoint(args.ckpt), args.ckpt
         if ckpt["layout"]["tp"] > 1:
@@ -25,24 +31,48 @@ def sample(args):
                             f"--out DIR (and --step N): every shard is then merged.")
     else:
         ckpt, where = consolidated(args.out, args.step)  # any tensor-parallel layout, merged
-    path = args.ckpt or os.path.join(args.out, "ckpt")
-    tok_info = ckpt["tokenizer"]
-    spec = os.path.join(os.path.dirname(path), "tokenizer.tiktoken")
-    enc, tok = load_tokenizer(spec if os.path.exists(spec) else tok_info["name"])
-    if tok["hash"] != tok_info["hash"]:
-        raise UserError(f"{spec} is not the tokenizer {path} was trained with (hash differs).")
-    cfg = replace(config_of(ckpt), dropout=0.0)
-    model = Yuan(cfg)
+    run = os.path.dirname(args.ckpt) if args.ckpt else args.out
+    spec = os.path.join(run, "tokenizer.tiktoken")
+    enc, tok = load_tokenizer(spec if os.path.exists(spec) else ckpt["tokenizer"]["name"])
+    if tok["hash"] != ckpt["tokenizer"]["hash"]:
+        raise UserError(f"{spec} is not the tokenizer {where} was trained with (hash differs).")
+    model = Yuan(replace(config_of(ckpt), dropout=0.0, tp=1, sequence_parallel=False))
     model.load_state_dict(ckpt["model"])
-    model.eval()
-    torch.manual_seed(args.seed)
-    prompt = enc.encode_ordinary(args.prompt.replace("<n>", "\n")) or [tok["eot"]]
+    return model.eval(), enc, tok, ckpt["step"], where
+
+
+def read_prompt(args):
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+
+
+def sample(args):
+    model, enc, tok, step, where = load_model(args)
+    text = read_prompt(args)
+    prompt = enc.encode_ordinary(text.replace("<n>", "\n")) or [tok["eot"]]
     idx = torch.tensor([prompt] * args.num_samples)  # [B, T0]
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, stop_token=tok["eot"])
-    print(f"# {where} (step {ckpt['step']}), prompt {args.prompt!r}")
-    for row in out.tolist():
-        text = enc.decode([t for t in row if t < enc.n_vocab and t != tok["eot"]], errors="replace")
-        print("---\n" + text)
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_token=tok["eot"],
+                         generator=gen, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - t0
+    print(f"# {where} (step {step}), prompt {text[:60]!r}{'...' if len(text) > 60 else ''}")
+    new = 0
+    for row in out[:, len(prompt):].tolist():
+        row = row[:row.index(tok["eot"])] if tok["eot"] in row else row
+        new += len(row)
+        print("---\n" + enc.decode(prompt + row if args.prompt_file is None else row, errors="replace"))
+    steps = out.size(1) - len(prompt)
+    print(f"# {steps} steps x {args.num_samples} samples in {seconds:.2f} s: {steps * args.num_samples / seconds:,.1f} "
+          f"tokens/s ({new} before <|endoftext|>), {'no cache' if args.no_cache else 'KV cache'}",
+          file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -51,11 +81,15 @@ def main(argv=None):
     p.add_argument("--step", type=int, help="the checkpoint of this step (default: the newest in --out)")
     p.add_argument("--ckpt", help="a specific tp = 1 checkpoint file")
     p.add_argument("--prompt", default="", help="text to continue; <n> is a newline")
+    p.add_argument("--prompt-file", help="read the prompt from this file ('-': standard input); prints only the "
+                                         "continuation")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the likeliest tokens up to this mass (1 = all)")
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow; a check)")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) < 1:
@@ -64,6 +98,8 @@ def main(argv=None):
         p.error("--out (a run's directory) or --ckpt (a checkpoint file) is required")
     if args.temperature < 0 or args.top_k < 0:
         p.error("--temperature and --top-k must be at least 0 (0 means greedy / all tokens)")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
     try:
         sample(args)
     except UserError as e:

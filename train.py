@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, fields
 
 import torch
-from tqdm import tqdm
 
 from data import Batches
 from data_parallel import GradReducer, MasterAdamW, ZeroAdamW, adamw, clip_grad_norm
@@ -30,7 +29,7 @@ from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from mpi import run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
 from checkpoint import ckpt_name, resume, save_checkpoint
-from run_dir import Metrics, prepare_out_dir
+from run_dir import Console, Metrics, prepare_out_dir
 from stopping import Stopping
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -306,7 +305,8 @@ def train(argv):
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
 
     step = resume(out, model, opt, scaler, cfg, tokenizer, dist) if flags["resume"] else 0
-    metrics = Metrics(out, step, enabled=dist.rank == 0)
+    tensorboard = cfg.tensorboard and (True if "tensorboard" in overrides else None)  # None: if installed
+    metrics = Metrics(out, step, enabled=dist.rank == 0, tensorboard=tensorboard)
     if step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
@@ -323,7 +323,7 @@ def train(argv):
         dist.print0("with " + ", ".join(features))
     if cfg.sequence_parallel and dist.tp == 1:
         dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
-    bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True, mininterval=1.0, disable=dist.rank != 0)
+    console = Console(cfg, step, enabled=dist.rank == 0)  # a bar on a terminal, plain lines in a batch log
 
     def evaluate():  # every rank evaluates the same windows, so every rank gets the same number
         model.eval()
@@ -352,24 +352,23 @@ def train(argv):
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             metrics.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * cfg.batch_tokens,
                         tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.scale, skipped=not finite)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu="n/a" if mfu is None else f"{mfu:.1%}",
-                        refresh=False)
-        bar.update()
+        console.step(step, loss, lr, grad_norm, tok_s, mfu)
         stopping.check_divergence(step, loss, finite, ckpt_path)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = evaluate()
             metrics.log(step=step, val_loss=val_loss)
-            if dist.rank == 0:
-                bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+            console.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
         requeue = stopping.requeue_reason(dt) if step < cfg.max_steps else None  # the same on every rank
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or requeue:
             t0 = time.perf_counter()
             save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=stopping.protect)
             stopping.saved(step, time.perf_counter() - t0)
         if requeue:
-            bar.close()
+            console.close()
+            metrics.close()
             stopping.requeue(step, requeue, out)
-    bar.close()
+    console.close()
+    metrics.close()
     if ran_steps:
         dist.print0(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data "
                     f"{data.unigram_entropy():.4f} (the best loss without context). Checkpoints in {out}")

@@ -68,9 +68,15 @@ CASES = [
     ("export.py", ["--out", "{run}", "--to", "{out}", "--step", "99"], "no complete checkpoint of step 99"),
     ("export.py", ["--out", "{run}", "--to", "{file}"], "is a file; the export is a directory"),
     ("export.py", ["--out", "{run}", "--to", "{out}", "--dtype", "fp8"], "invalid choice"),
+    # plot.py
+    ("plot.py", ["{out}", "--png", "{out}.png"], "no metrics.jsonl there"),
+    ("plot.py", ["{badmeta}/meta.json", "--png", "{out}.png"], "is not one JSON object per line"),
+    ("plot.py", ["{run}", "--png", "{out}.png", "--smooth", "0"], "--smooth must be at least 1"),
     # sample.py
     ("sample.py", ["--out", "{run}", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
     ("sample.py", ["--out", "{run}", "--temperature", "-1"], "must be at least 0"),
+    ("sample.py", ["--out", "{run}", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    ("sample.py", ["--out", "{run}", "--prompt-file", "/nonexistent.txt"], "cannot read --prompt-file"),
     ("sample.py", ["--out", "{out}"], "no complete checkpoint"),
     ("sample.py", ["--out", "{run}", "--step", "1"], "no complete checkpoint of step 1"),
     ("sample.py", ["--prompt", "x"], "--out (a run's directory) or --ckpt"),

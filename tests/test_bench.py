@@ -25,3 +25,8 @@ def test_vs_plain():
     proc = run("bench/vs_plain.py", "--preset", "tiny", "--n_layer", "1", "--seq_len", "32", "--micro_batch", "2",
                "--steps", 1)
     assert "nanoyuan / plain = " in proc.stdout
+
+
+def test_sample_bench():
+    proc = run("bench/sample_bench.py", "--preset", "tiny", "--n_layer", 1, "--context", 64, "--new", 8)
+    assert "speed-up" in proc.stdout and "same tokens: True" in proc.stdout

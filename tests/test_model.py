@@ -71,6 +71,37 @@ def test_generate_top_k_and_greedy():
     assert sampled.shape == (2, 15)
 
 
+def test_kv_cache_equals_recomputing():
+    """Generation with the KV cache: the prompt's logits and each new token's equal a full forward's, and greedy
+    decoding equals recomputing the context for every token, within the context window."""
+    torch.manual_seed(0)
+    model = Yuan(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, seq_len=32)).eval()
+    x = torch.randint(0, 128, (3, 20))
+    cache = model.new_cache(3)
+    with torch.no_grad():
+        parts = [model(x[:, :12], cache=cache)[0]] + [model(x[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+        assert torch.allclose(torch.cat(parts, dim=1), model(x)[0], atol=1e-5)
+    prompt = x[:, :6]
+    cached = model.generate(prompt, 26, temperature=0)
+    assert cached.shape == (3, 32) and cached.equal(model.generate(prompt, 26, temperature=0, use_cache=False))
+    longer = model.generate(prompt, 60, temperature=0)  # past seq_len the cache starts again from seq_len / 2
+    assert longer.shape == (3, 66) and longer[:, :32].equal(cached)
+    stop = int(cached[0, 6])  # stopping: a row that produced stop_token repeats it; all rows done, generation ends
+    out = model.generate(prompt, 26, temperature=0, stop_token=stop)
+    done = (out[:, 6:] == stop).cumsum(dim=1) > 0
+    assert (out[:, 6:][done] == stop).all() and (out.size(1) == 32 or done[:, -1].all())
+
+
+def test_top_p_keeps_the_nucleus():
+    from model import next_token
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    picked = next_token(logits, top_p=0.7, generator=gen)  # 0.5 < 0.7 <= 0.8: tokens 0 and 1 only
+    assert set(picked.flatten().tolist()) == {0, 1}
+    assert abs((picked == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+    assert next_token(logits[:1], top_p=0.01, generator=gen).item() == 0  # the likeliest token is always kept
+
+
 @pytest.mark.parametrize("kwargs, message", [(dict(n_embd=100, n_head=3), "not divisible by n_head"),
                                              (dict(vocab_size=1000), "multiple of 128"),
                                              (dict(dtype="fp8"), "not one of"), (dict(n_layer=0), "at least 1"),
