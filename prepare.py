@@ -1,6 +1,6 @@
 """Corpus -> token shards, for corpora far larger than memory (the ASC22 corpus is 100 GB). Run via data.py:
 
-    python data.py prepare --input corpus/ --tokenizer tok/asc22.tiktoken --out data/asc22 [--workers 64]
+    python data.py prepare --input asc22/ --tokenizer tok/asc22.tiktoken --out data/asc22 [--workers 64]
     mpiexec -n 4 python data.py prepare ...   # ranks share the shards; the output is the same as one process
 
 How the work is cut, so that the output is byte-identical whatever the number of workers and ranks:
@@ -36,7 +36,7 @@ import zlib
 
 import numpy as np
 
-from data import META_VERSION, TokenWriter, read_header
+from shards import META_VERSION, TokenWriter, read_header
 from errors import UserError
 from tokenizer import check_vocab_and_out, load_tokenizer, train_tokenizer
 

@@ -1,6 +1,6 @@
 """The tokenizer: a byte-level BPE trained with `tokenizers`, stored and run as tiktoken.
 
-    python data.py train-tokenizer --input data/sanguo.txt --vocab-size 8192 --out out/tok/sanguo.tiktoken
+    python data.py train-tokenizer --input corpus/sanguo.txt --vocab-size 8192 --out out/tok/sanguo.tiktoken
 
 Training (once, on a bounded sample of the corpus: see prepare.sample_documents) uses Hugging Face `tokenizers`;
 encoding (billions of tokens) uses tiktoken, which is faster. The rank file lists the 256 bytes, then each merge in

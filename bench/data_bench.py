@@ -9,7 +9,7 @@
    GPU's training consumes at 50% MFU of an H100's bf16 peak (989 TFLOP/s, model.flops_per_token).
 3. A projection for the 100 GB ASC22 corpus on a 64-core node from the measured per-core rate and efficiency.
 
-The corpus is 三国演义 (data/sanguo.txt): its paragraphs grouped into documents of about 1,000 to 3,000 characters,
+The corpus is 三国演义 (corpus/sanguo.txt): its paragraphs grouped into documents of about 1,000 to 3,000 characters,
 repeated until it reaches --mb. The tokenizer (unless --tokenizer) is a byte-level BPE of --vocab tokens trained on
 the same text; say which one in RESULTS.md, since the rate per core depends on it.
 """
@@ -35,7 +35,7 @@ H100_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), as in train.
 
 def make_corpus(path, mb):
     """ASC22 format: one document per line, `<n>` for newlines; documents of ~1-3k characters of 三国演义."""
-    paragraphs = [p for line in open(os.path.join(ROOT, "data", "sanguo.txt"), encoding="utf-8")
+    paragraphs = [p for line in open(os.path.join(ROOT, "corpus", "sanguo.txt"), encoding="utf-8")
                   for p in line.rstrip("\n").split("<n>") if p.strip()]
     rng = np.random.default_rng(0)
     docs, i = [], 0

@@ -32,7 +32,7 @@ def read_metrics(out):
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The first 30 chapters of 三国演义, in the ASC22 format (one chapter per line, <n> for newlines)."""
-    with open(os.path.join(ROOT, "data", "sanguo.txt"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "corpus", "sanguo.txt"), encoding="utf-8") as f:
         lines = f.readlines()[:30]
     path = tmp_path_factory.mktemp("corpus") / "sanguo30.txt"
     path.write_text("".join(lines), encoding="utf-8")

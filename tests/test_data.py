@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from data import HEADER, HEADER_BYTES, META_VERSION, Batches, TokenShards, open_tokens, permute, write_tokens
+from data import Batches, TokenShards, permute
+from shards import HEADER, HEADER_BYTES, META_VERSION, open_tokens, write_tokens
 from errors import UserError
 
 TOK = dict(name="synthetic", hash="ab" * 32, n_vocab=1000, eot=999)

@@ -16,7 +16,7 @@ pytestmark = needs_mpiexec
 
 def held_out_lines():
     """Chapters the fixture's tokenizer and model never saw (they are trained on the first 30)."""
-    with open(os.path.join(ROOT, "data", "sanguo.txt"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "corpus", "sanguo.txt"), encoding="utf-8") as f:
         return f.read().splitlines()[100:103]
 
 
@@ -63,7 +63,7 @@ def test_logits_and_greedy_generation_equal_ours(exported, ours):
 def test_tokenizer_ids_equal_tiktoken(exported, ours):
     _, enc = ours
     tok = transformers.AutoTokenizer.from_pretrained(exported[1])
-    with open(os.path.join(ROOT, "data", "sanguo.txt"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "corpus", "sanguo.txt"), encoding="utf-8") as f:
         corpus = f.read().replace("<n>", "\n")
     for text in (corpus, MIXED, *held_out_lines()):
         ids = enc.encode_ordinary(text)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run
-from data import Batches, open_tokens
+from data import Batches
+from shards import open_tokens
 from errors import UserError
 from prepare import prepare
 from test_parallel import MPIEXEC, needs_mpiexec
 from tokenizer import load_tokenizer, train_tokenizer
 
-SANGUO = os.path.join(ROOT, "data", "sanguo.txt")
+SANGUO = os.path.join(ROOT, "corpus", "sanguo.txt")
 
 
 def files_of(d):

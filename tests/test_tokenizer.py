@@ -87,7 +87,7 @@ def test_numpy_encoding_equals_encode_ordinary(tokenizer):
 
 def test_sample_is_bounded_and_reproducible(tmp_path):
     """--sample-mb 0.2 of the 1.8 MB corpus: fewer documents, and the same tokenizer twice."""
-    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sanguo.txt")
+    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus", "sanguo.txt")
     outs = []
     for name in ("a", "b"):
         proc = run("data.py", "train-tokenizer", "--input", corpus, "--vocab-size", 400, "--sample-mb", 0.2,

@@ -1,0 +1,37 @@
+"""The commands of README.md and docs/*.md that are marked to run quickly (fenced as ```bash quick) run, in the
+order written, each document in its own copy of the repository, and exit 0: the docs cannot rot. Commands that
+need GPUs, several nodes or minutes are in plain ```bash blocks and are not run here."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+BLOCK = re.compile(r"^```bash quick\n(.*?)^```", re.S | re.M)
+
+
+def quick_blocks(doc):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        return BLOCK.findall(f.read())
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if quick_blocks(d)])
+def test_quick_commands_run(doc, tmp_path):
+    """A copy of the tracked files (the corpus included), the venv linked in, then each block as one bash script."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+            shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    venv = os.path.dirname(os.path.dirname(sys.executable))  # the venv running the tests: .venv/bin/python
+    os.symlink(venv, tmp_path / ".venv")
+    for i, block in enumerate(quick_blocks(doc)):
+        proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{doc}, quick block {i + 1}:\n{block}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, f"{doc}, quick block {i + 1}:\n{proc.stderr[-3000:]}"
