@@ -101,16 +101,18 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
                 kept[var] = os.environ[var]
     if backend == "nccl":  # NCCL's watchdog turns a timed-out collective into an error instead of a hang
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = datetime.timedelta(seconds=timeout_s)
     tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                             timeout=datetime.timedelta(seconds=timeout_s))
-    # Every rank must create every group, in the same order, even the groups it is not in.
+                             timeout=timeout)
+    # Every rank must create every group, in the same order, even the groups it is not in. Each gets the timeout
+    # too: new_group does not inherit it (its default is the backend's 30 minutes).
     tp_group = dp_group = None
     for start in range(0, world, tp):
-        group = tdist.new_group(list(range(start, start + tp)))
+        group = tdist.new_group(list(range(start, start + tp)), timeout=timeout)
         if start <= rank < start + tp:
             tp_group = group
     for offset in range(tp):
-        group = tdist.new_group(list(range(offset, world, tp)))
+        group = tdist.new_group(list(range(offset, world, tp)), timeout=timeout)
         if rank % tp == offset:
             dp_group = group
     dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,

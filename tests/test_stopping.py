@@ -175,3 +175,14 @@ def test_a_hung_rank_ends_the_job_and_is_named(prepared, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@needs_mpiexec
+def test_subgroup_collectives_time_out_too():
+    """The tensor- and data-parallel groups get --collective_timeout_s as well (new_group does not inherit it: 30
+    minutes). Before, a rank stopped while the other waited in the loss's all-reduce over dp hung the job."""
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "mpi_group_timeout.py")],
+                          capture_output=True, text=True, timeout=120)
+    seconds = float(proc.stdout.split("timed out after ")[1].split(" s")[0]) if "timed out after" in proc.stdout \
+        else None
+    assert seconds is not None and seconds < 10, proc.stdout + proc.stderr  # 3 s, not rank 1's 20 s sleep
