@@ -44,6 +44,14 @@ def arrow(ax, x0, y0, x1, y1, text="", color="black"):
         ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, text, ha="center", fontsize=7, color=color)
 
 
+def rank_rows(ax, n, label, top):
+    """(y, colour) of each rank's row, top to bottom, with its label at the left."""
+    for r in range(n):
+        y = top + (n - 1 - r) * 1.3
+        ax.text(0.1, y + 0.45, f"{label} {r}", fontsize=8, weight="bold")
+        yield r, y, COLORS[r % len(COLORS)]
+
+
 def canvas(width, height, title):
     fig, ax = plt.subplots(figsize=(width, height))
     ax.set_xlim(0, width)
@@ -58,10 +66,7 @@ def tp_mlp(cfg, tp, sh, path):
     fc, proj = sh[0]["blocks.0.mlp.fc.weight"], sh[0]["blocks.0.mlp.proj.weight"]
     fig, ax = canvas(12, 1.3 * tp + 1.2, f"MLP of one block at tp = {tp} (the attention is split the same way, by "
                                          f"heads): f, column-parallel, GELU, row-parallel, g")
-    for r in range(tp):
-        y = 0.4 + (tp - 1 - r) * 1.3
-        c = COLORS[r % len(COLORS)]
-        ax.text(0.1, y + 0.45, f"rank {r}", fontsize=8, weight="bold")
+    for r, y, c in rank_rows(ax, tp, "rank", 0.4):
         box(ax, 0.9, y, 1.5, 0.9, f"x [B, T, {cfg.n_embd}]\n(same on all)", "#dddddd")
         arrow(ax, 2.4, y + 0.45, 3.1, y + 0.45, "f")
         box(ax, 3.1, y, 2.0, 0.9, f"fc.weight {list(fc)}\nrows {r * fc[0]}..{(r + 1) * fc[0] - 1}", c)
@@ -84,10 +89,7 @@ def vocab_parallel(cfg, tp, sh, path):
     rows = sh[0]["wte.weight"][0]
     fig, ax = canvas(12, 1.3 * tp + 1.4, f"Vocabulary-parallel embedding, tied head and cross-entropy at tp = {tp} "
                                          f"(vocabulary {V:,} = {tp} x {rows:,} rows)")
-    for r in range(tp):
-        y = 0.6 + (tp - 1 - r) * 1.3
-        c = COLORS[r % len(COLORS)]
-        ax.text(0.1, y + 0.45, f"rank {r}", fontsize=8, weight="bold")
+    for r, y, c in rank_rows(ax, tp, "rank", 0.6):
         box(ax, 0.9, y, 2.6, 0.9, f"wte rows {r * rows:,}..{(r + 1) * rows - 1:,}\n[{rows:,}, {C}]", c)
         arrow(ax, 3.5, y + 0.45, 4.2, y + 0.45, "look up own ids")
         box(ax, 4.2, y, 1.9, 0.9, "embeddings of own ids,\nzeros elsewhere", c, alpha=0.45)
@@ -106,10 +108,7 @@ def sequence_parallel(cfg, tp, path):
     T, C = cfg.seq_len, cfg.n_embd
     fig, ax = canvas(12, 1.3 * tp + 1.4, f"Sequence parallelism at tp = {tp}: LayerNorm, dropout and the residual "
                                          f"hold T / tp = {T // tp} of the {T} positions")
-    for r in range(tp):
-        y = 0.6 + (tp - 1 - r) * 1.3
-        c = COLORS[r % len(COLORS)]
-        ax.text(0.1, y + 0.45, f"rank {r}", fontsize=8, weight="bold")
+    for r, y, c in rank_rows(ax, tp, "rank", 0.6):
         box(ax, 0.9, y, 2.2, 0.9, f"LayerNorm on positions\n{r * T // tp}..{(r + 1) * T // tp - 1}  "
                                   f"[B, {T // tp}, {C}]", c, alpha=0.45)
         arrow(ax, 3.1, y + 0.45, 4.3, y + 0.45, "all-gather (T)")
@@ -129,10 +128,7 @@ def zero1(cfg, tp, dp, sh, path):
     n = sum(torch.Size(s).numel() for s in sh[0].values())
     fig, ax = canvas(12, 1.3 * dp + 2.2, f"Data parallelism at dp = {dp} (each of the {tp} tensor-parallel ranks "
                                          f"holds {n:,} parameters): ZeRO-1")
-    for d in range(dp):
-        y = 1.4 + (dp - 1 - d) * 1.3
-        c = COLORS[d % len(COLORS)]
-        ax.text(0.1, y + 0.45, f"dp rank {d}", fontsize=8, weight="bold")
+    for d, y, c in rank_rows(ax, dp, "dp rank", 1.4):
         for b in range(4):  # buckets, last layers first: their gradients are ready first in backward
             box(ax, 1.0 + b * 0.9, y, 0.85, 0.9, f"bucket {b}\n(grad)", c, alpha=0.35 + 0.15 * b)
         arrow(ax, 4.6, y + 0.45, 5.8, y + 0.45, "reduce-scatter")
