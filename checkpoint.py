@@ -190,6 +190,20 @@ def load_step(out, step, written_tp, tp, tp_rank):
     return (shards[0] if written_tp == tp else reshard(shards, tp, tp_rank)), paths[0]
 
 
+def saved_vocab_size(out):
+    """The padded vocabulary of the newest complete checkpoint in out, or None: a resumed run keeps it (the padding
+    to 128 * tp of a fresh run would differ at another tp, and the embedding's rows with it)."""
+    steps = complete_steps(out)
+    if not steps:
+        return None
+    step = max(steps)
+    try:
+        ckpt = load_checkpoint(os.path.join(out, ckpt_name(step, steps[step][-1], 0)), mmap=True)
+    except UserError:
+        return None  # resume() names the unreadable file and falls back
+    return ckpt["config"]["vocab_size"]
+
+
 def consolidated(out, step=None):
     """One checkpoint of the whole model (tp = 1) from the newest complete step in out, or `step`, whatever layout
     wrote it. Returns (checkpoint, a description of where it came from)."""

@@ -28,7 +28,7 @@ from mixed_precision import grad_of, use_master_weights
 from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from mpi import run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
-from checkpoint import ckpt_name, resume, save_checkpoint
+from checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
 from run_dir import Console, Metrics, prepare_out_dir
 from stopping import Stopping
 
@@ -277,7 +277,7 @@ def train(argv):
     resolve_dtype(cfg, device)  # "auto" becomes the device's dtype
 
     # Data: micro-batches per step first (the reader needs them), then the vocabulary: the tokenizer's, padded to
-    # 128 * tp, unless --vocab_size says otherwise.
+    # 128 * tp, unless --vocab_size says otherwise or a resumed checkpoint has its own.
     tokens_per_micro = cfg.micro_batch * cfg.seq_len * dist.dp  # one micro-batch on every data-parallel rank
     if cfg.batch_tokens % tokens_per_micro:
         raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len * dp = "
@@ -288,7 +288,10 @@ def train(argv):
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
                    accum=grad_accum, pin_memory=device.type == "cuda")  # pinned: train_step's copies overlap
     tokenizer = data.tokenizer
-    if "vocab_size" not in overrides:
+    saved = saved_vocab_size(out) if flags["resume"] and "vocab_size" not in overrides else None
+    if saved and saved % cfg.tp == 0:  # resumed, perhaps at another tp: the checkpoint's padding stays
+        cfg.vocab_size = saved
+    elif "vocab_size" not in overrides:
         cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
     elif cfg.vocab_size < tokenizer["n_vocab"]:
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"

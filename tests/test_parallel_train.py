@@ -168,3 +168,16 @@ def test_bf16_master_weights_equal_one_process(prepared, tmp_path):
     assert train4 == pytest.approx(train1, rel=1e-3) and val4 == pytest.approx(val1, rel=1e-3)
     assert norms4 == pytest.approx(norms1, rel=5e-3)
     assert train1[-1] < train1[0] - 0.1  # and it learns
+
+
+def test_reshard_keeps_the_checkpoints_vocabulary_padding(corpus, tmp_path):
+    """A 300-token tokenizer pads to 384 at tp 1 (128 x 1) but to 512 at tp 2 (128 x 2): resumed at tp 2, the run
+    keeps the checkpoint's 384 rows (divisible by 2) instead of refusing it as another model."""
+    tok, data = tmp_path / "tok300.tiktoken", tmp_path / "data"
+    run("data.py", "train-tokenizer", "--input", corpus, "--vocab-size", 300, "--out", tok)
+    run("data.py", "prepare", "--input", corpus, "--tokenizer", tok, "--out", data, "--val-fraction", 0.2)
+    common = [*SMALL, "--data", data, "--out", tmp_path / "run", "--lr_decay_steps", 6]
+    first = run("train.py", *common, "--max_steps", 3)
+    assert "vocab 384" in first.stdout
+    proc = mpi_train(2, *common, "--max_steps", 6, "--tp", 2, "--resume")
+    assert "vocab 384" in proc.stdout and "resharded to tp 2" in proc.stdout
