@@ -42,15 +42,6 @@ def ckpt_files(out):
     return sorted(files)
 
 
-def checkpoints(out, tp=1, tp_rank=0):
-    """{step: this tp rank's file} for the steps whose every tensor-parallel shard is on disk, oldest first."""
-    shards = {}
-    for step, t, r, _ in ckpt_files(out):
-        if t == tp:
-            shards.setdefault(step, set()).add(r)
-    return {s: os.path.join(out, ckpt_name(s, tp, tp_rank)) for s, ranks in shards.items() if len(ranks) == tp}
-
-
 def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=None):
     """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies).
     Then the oldest beyond keep_ckpts are deleted, except step `protect` (the last one written before a run of
