@@ -24,6 +24,7 @@ import torch.distributed as tdist
 from errors import UserError
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
 from model import MODEL_FIELDS, Config, Yuan
+from tokenizer import load_tokenizer
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
 
@@ -179,6 +180,17 @@ def load_step(out, step, written_tp, tp, tp_rank):
         if shard["step"] != step:
             raise UserError(f"checkpoint {path} says it is step {shard['step']}")
     return (shards[0] if written_tp == tp else reshard(shards, tp, tp_rank)), paths[0]
+
+
+def run_tokenizer(run, ckpt):
+    """The tiktoken encoding and identity of the tokenizer a checkpoint was trained with: the copy train.py keeps in
+    the run's directory (or the built-in of that name), checked against the checkpoint's hash."""
+    spec = os.path.join(run, "tokenizer.tiktoken")
+    enc, tok = load_tokenizer(spec if os.path.exists(spec) else ckpt["tokenizer"]["name"])
+    if tok["hash"] != ckpt["tokenizer"]["hash"]:
+        raise UserError(f"{spec} is not the tokenizer the checkpoint of step {ckpt['step']} was trained with (hash "
+                        f"differs).")
+    return enc, tok
 
 
 def saved_vocab_size(out):

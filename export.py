@@ -22,9 +22,8 @@ import sys
 
 import torch
 
-from checkpoint import config_of, consolidated
+from checkpoint import config_of, consolidated, run_tokenizer
 from errors import UserError
-from tokenizer import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_BYTES = 4 * 2**30  # safetensors files of at most ~4 GB, as transformers writes them
@@ -54,13 +53,13 @@ def gpt2_state_dict(model, cfg):
 
 
 def gpt2_config(cfg, eot, dtype):
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_positions": cfg.seq_len, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": cfg.ffn_hidden, "activation_function": "gelu", "layer_norm_epsilon": cfg.layernorm_eps,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
             "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eot,
-            "eos_token_id": eot, "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
-            "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]}
+            "eos_token_id": eot, "torch_dtype": name, "dtype": name}  # transformers 4 reads torch_dtype, 5 dtype
 
 
 def hf_tokenizer(enc, eot):
@@ -130,10 +129,7 @@ def export(out, to, step=None, dtype="fp32"):
                         "HINT: .venv/bin/pip install safetensors") from None
     ckpt, where = consolidated(out, step)
     cfg = config_of(ckpt)
-    spec = os.path.join(out, "tokenizer.tiktoken")
-    enc, tok = load_tokenizer(spec if os.path.exists(spec) else ckpt["tokenizer"]["name"])
-    if tok["hash"] != ckpt["tokenizer"]["hash"]:
-        raise UserError(f"{spec} is not the tokenizer the checkpoint was trained with (hash differs).")
+    enc, tok = run_tokenizer(out, ckpt)
     os.makedirs(to, exist_ok=True)
     names = write_weights(gpt2_state_dict(ckpt["model"], cfg), to, dtype)
     with open(os.path.join(to, "config.json"), "w") as f:

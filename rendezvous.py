@@ -70,14 +70,14 @@ def candidates(iface):
     return list(dict.fromkeys(out))  # keep the order, drop repeats
 
 
-def probe(addr, port, timeout_s):
-    """(reached, local interface the connection left from, or the error)."""
+def probe(addr, port, timeout_s, here):
+    """(reached, local interface the connection left from, or the error). here: ipv4_interfaces()."""
     try:
         with socket.create_connection((addr, port), timeout=timeout_s) as s:
             local = s.getsockname()[0]
     except OSError as e:
         return False, f"{type(e).__name__}: {e}"
-    names = [n for n, a in ipv4_interfaces().items() if a == local]
+    names = [n for n, a in here.items() if a == local]
     return True, names[0] if names else ""
 
 
@@ -107,16 +107,16 @@ def rendezvous(comm, spans_hosts, iface="", timeout_s=PROBE_TIMEOUT_S):
     """The rendezvous (addr, port) every rank uses, and this rank's interface for gloo/NCCL ('' = the backend's own
     choice). Collective over comm: every rank calls it, every rank gets the same address or the same error (raised
     after at most timeout_s of probing)."""
-    rank = comm.Get_rank()
-    if iface and not spans_hosts and iface not in ipv4_interfaces():
+    rank, here = comm.Get_rank(), ipv4_interfaces()
+    if iface and not spans_hosts and iface not in here:
         raise UserError(f"--iface {iface}: this host ({socket.gethostname()}) has no interface of that name with an "
-                        f"IPv4 address; it has {', '.join(ipv4_interfaces())}.\nHINT: leave --iface out on one host, "
+                        f"IPv4 address; it has {', '.join(here)}.\nHINT: leave --iface out on one host, "
                         f"or name one of these.", shared=True)
     if not spans_hosts:  # one host: loopback reaches every rank and needs no name lookup
         addr = (os.environ.get("MASTER_ADDR") or "127.0.0.1") if rank == 0 else None
         port = int(os.environ.get("MASTER_PORT") or free_port()) if rank == 0 else None
         addr, port = comm.bcast((addr, port), root=0)
-        loopback = [name for name, a in ipv4_interfaces().items() if is_loopback(a)] if is_loopback(addr) else []
+        loopback = [name for name, a in here.items() if is_loopback(a)] if is_loopback(addr) else []
         return addr, port, iface or (loopback[0] if loopback else "")
     listener, stop, offer, error = None, threading.Event(), None, None
     if rank == 0:
@@ -136,8 +136,8 @@ def rendezvous(comm, spans_hosts, iface="", timeout_s=PROBE_TIMEOUT_S):
         raise UserError(error, shared=True)
     addrs, probe_port, port = offer
     with concurrent.futures.ThreadPoolExecutor(len(addrs)) as pool:
-        mine = list(pool.map(lambda a: probe(a, probe_port, timeout_s), addrs))
-    everyone = comm.allgather((socket.gethostname(), mine, ipv4_interfaces()))
+        mine = list(pool.map(lambda a: probe(a, probe_port, timeout_s, here), addrs))
+    everyone = comm.allgather((socket.gethostname(), mine, here))
     if rank == 0:
         stop.set()
         listener.close()

@@ -16,10 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from checkpoint import config_of, consolidated, load_checkpoint
+from checkpoint import config_of, consolidated, load_checkpoint, run_tokenizer
 from errors import UserError
 from model import Yuan
-from tokenizer import load_tokenizer
 
 
 def load_model(args):
@@ -31,11 +30,7 @@ def load_model(args):
                             f"--out DIR (and --step N): every shard is then merged.")
     else:
         ckpt, where = consolidated(args.out, args.step)  # any tensor-parallel layout, merged
-    run = os.path.dirname(args.ckpt) if args.ckpt else args.out
-    spec = os.path.join(run, "tokenizer.tiktoken")
-    enc, tok = load_tokenizer(spec if os.path.exists(spec) else ckpt["tokenizer"]["name"])
-    if tok["hash"] != ckpt["tokenizer"]["hash"]:
-        raise UserError(f"{spec} is not the tokenizer {where} was trained with (hash differs).")
+    enc, tok = run_tokenizer(os.path.dirname(args.ckpt) if args.ckpt else args.out, ckpt)
     model = Yuan(replace(config_of(ckpt), dropout=0.0, tp=1, sequence_parallel=False))
     model.load_state_dict(ckpt["model"])
     return model.eval(), enc, tok, ckpt["step"], where
