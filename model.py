@@ -54,6 +54,7 @@ class Config:
     ckpt_interval: int = 100  # checkpoint every N steps (and after the last)
     keep_ckpts: int = 2  # how many recent checkpoints to keep
     time_limit_min: float = 0.0  # checkpoint and exit (code 75) before this many minutes of wall time; 0: no limit
+    signal_grace_s: float = 5.0  # a stop signal this soon after the first is its copy; later, it means: exit now
     max_skipped_steps: int = 25  # stop after this many consecutive steps skipped for non-finite gradients
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
@@ -78,7 +79,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} = {getattr(self, name)} must be at least 1.")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "init_std", "layernorm_eps", "time_limit_min",
-                     "collective_timeout_s"):
+                     "signal_grace_s", "collective_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"{name} = {value} must be a finite number, at least 0.")

@@ -2,21 +2,32 @@
 does to the training loop (train.py asks after every step).
 
     signal      SIGTERM (Slurm and PBS before the time limit, preemption), SIGUSR1 (`#SBATCH --signal=USR1@120`),
-                SIGINT (Ctrl-C): finish the step, write a checkpoint, exit with EXIT_REQUEUE (75); a second signal
-                exits at once
+                SIGINT (Ctrl-C): finish the step, write a checkpoint, exit with EXIT_REQUEUE (75).
+                Copies: PBS, LSF and a job-wide `kill` signal every process, and mpiexec forwards what it got, so
+                each rank sees the signal twice, a fraction of a second apart. One request per rank, however many
+                copies: a stop signal within --signal_grace_s (5 s) of the first is a copy and changes nothing.
+                Meant as "now": the same again after the grace period, or SIGQUIT (Ctrl-\\) at any time, exits at
+                once (128 + the signal's number), without a checkpoint.
     time limit  --time_limit_min: the same, when the next step and a checkpoint might not fit in what is left
     (a rank that hangs is distributed.py's: --collective_timeout_s)
     divergence  --max_skipped_steps steps in a row skipped for non-finite gradients, or (bf16/fp32, where no loss
                 scale explains it) a non-finite loss: stop with an error naming the step and the last checkpoint
                 written before the trouble began, which checkpoint rotation keeps until the run recovers
 
-Every rank takes the same decision at the same step: a signal may reach some ranks only, or a step later, so the
-requeue reasons are all-reduced (MAX) over the world; divergence is decided from numbers every rank shares (the loss
-and the gradient norm)."""
+Every rank takes the same decision at the same step: a signal may reach some ranks only (a rank that got it only
+through mpiexec's forwarding is like one that got it directly), or a step later, so the requeue reasons are
+all-reduced (MAX) over the world; divergence is decided from numbers every rank shares (the loss and the gradient
+norm).
+
+A signal's time is taken when it arrives, not when Python gets round to its handler: Python runs handlers in the
+main thread between bytecodes, which can be many seconds late while a step or a collective runs in C++, and would
+make a copy look like a deliberate second signal. So the C-level handler writes each signal's number to a pipe
+(signal.set_wakeup_fd) and a small thread, which waits on that pipe with the GIL released, stamps and judges it."""
+import atexit
 import math
 import os
 import signal
-import sys
+import threading
 import time
 
 import torch
@@ -24,26 +35,68 @@ import torch.distributed as tdist
 
 from errors import Requeue, UserError
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # checkpoint, then exit 75
+NOW = signal.SIGQUIT  # Ctrl-\: exit at once, without a checkpoint (its default, a core dump, can fill a disk)
+
+
+def judge(signum, now, first, first_at, grace_s):
+    """What a signal arriving at time `now` asks for, given the first stop signal taken (`first`, 0 if none yet, at
+    time `first_at`): "stop" (finish the step, checkpoint, exit 75), "copy" (the same request again: nothing new) or
+    "now" (exit at once, without a checkpoint)."""
+    if signum == NOW or (first and now - first_at >= grace_s):
+        return "now"
+    return "copy" if first else "stop"
 
 
 class Stopping:
     def __init__(self, cfg, dist, last_ckpt):
         self.cfg, self.dist, self.start = cfg, dist, time.time()
-        self.signal, self.skipped, self.slowest, self.ckpt_s = 0, 0, 0.0, 0.0
+        self.signal, self.signal_at, self.skipped, self.slowest, self.ckpt_s = 0, 0.0, 0, 0.0, 0.0
         self.last_ckpt, self.protect = last_ckpt, None  # steps of checkpoints: the newest, and the one to keep
-        for sig in SIGNALS:
-            signal.signal(sig, self._on_signal)
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # set_wakeup_fd's rule: a full pipe must not block a signal handler
+        for sig in (*SIGNALS, NOW):
+            signal.signal(sig, lambda signum, frame: None)  # Python's C handler writes signum to the pipe
+        signal.set_wakeup_fd(write)
+        threading.Thread(target=self._listen, args=(read,), daemon=True, name="signals").start()
+        atexit.register(self._at_exit)
 
-    def _on_signal(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signal:  # the second one: the user or the batch system means it
-            print(f"rank {self.dist.rank}: second signal ({name}): exiting now, without a checkpoint",
-                  file=sys.stderr, flush=True)
+    def _listen(self, read):
+        while True:
+            arrived = os.read(read, 64)  # blocks with the GIL released; several bytes if several signals arrived
+            now = time.monotonic()
+            for signum in arrived:
+                self._on_signal(signum, now)
+
+    def _on_signal(self, signum, now):
+        name, grace, since = signal.Signals(signum).name, self.cfg.signal_grace_s, now - self.signal_at
+        verdict = judge(signum, now, self.signal, self.signal_at, grace)
+        if verdict == "now":
+            again = "" if signum == NOW else f" {since:.1f} s after the first, a second signal"
+            self._say(f"{name}{again}: exiting now, without a checkpoint")
             os._exit(128 + signum)
-        self.signal = signum
-        print(f"rank {self.dist.rank}: {name}: finishing this step, then a checkpoint and exit (a second signal exits "
-              f"at once)", file=sys.stderr, flush=True)
+        elif verdict == "copy":  # a batch system's copy, or mpiexec's forwarded one
+            self._say(f"{name} {since:.2f} s after the first: a copy (within --signal_grace_s {grace:g}), ignored")
+        else:
+            self.signal, self.signal_at = signum, now
+            self._say(f"{name}: finishing this step, then a checkpoint and exit 75. Copies of a signal within "
+                      f"--signal_grace_s {grace:g} change nothing; to exit at once without a checkpoint, signal "
+                      f"again after {grace:g} s, or send SIGQUIT (Ctrl-\\)")
+
+    def _at_exit(self):
+        """Python's shutdown puts back the signals' default action (death), and MPI_Finalize then waits for the
+        other ranks: a copy arriving in that window killed the rank after its checkpoint, and mpiexec exited 15, not
+        75 (9 runs of 12 at tp 2 with the copy 0.05-0.3 s behind). Once a stop was asked for and the run is leaving,
+        copies are ignored to the end."""
+        if self.signal:
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
+    def _say(self, message):
+        try:  # unbuffered and lock-free: out even if os._exit follows, never waiting on the loop's stderr
+            os.write(2, f"rank {self.dist.rank}: {message}\n".encode())
+        except OSError:  # stderr closed: the signal still counts
+            pass
 
     def check_divergence(self, step, loss, finite, ckpt_path):
         """After each step, before it is evaluated or checkpointed. ckpt_path(step) names a checkpoint's file."""

@@ -3,6 +3,7 @@ sessions that use them. Their numbers are not checked here: they are recorded by
 import json
 
 from conftest import run
+from test_parallel import needs_mpiexec
 
 TINY = ["--preset", "tiny", "--n_layer", "1", "--seq_len", "32", "--micro_batch", "2", "--vocab_size", "256"]
 
@@ -30,3 +31,9 @@ def test_vs_plain():
 def test_sample_bench():
     proc = run("bench/sample_bench.py", "--preset", "tiny", "--n_layer", 1, "--context", 64, "--new", 8)
     assert "speed-up" in proc.stdout and "same tokens: True" in proc.stdout
+
+
+@needs_mpiexec
+def test_signal_soak(tmp_path):
+    proc = run("bench/signal_soak.py", "--trials", 1, "--workdir", tmp_path)
+    assert "1 of 1 ended in a checkpoint at the step reached, exit 75" in proc.stdout, proc.stdout

@@ -1,6 +1,7 @@
 """What happens when a run is stopped or goes wrong (stopping.py, checkpoint.py): batch-system signals and the time
-limit (a checkpoint, exit 75, an exact resume), a second signal, divergence, a full file system while a checkpoint
-is written, and an unreadable newest checkpoint."""
+limit (a checkpoint, exit 75, an exact resume), copies of a signal (a job-wide SIGTERM that each rank also gets from
+mpiexec), a deliberate second signal and SIGQUIT, divergence, a full file system while a checkpoint is written, and
+an unreadable newest checkpoint."""
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, SMALL, read_metrics, run
+from stopping import NOW, judge
 from test_parallel import MPIEXEC, needs_mpiexec
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -20,16 +22,40 @@ def train_rows(out):
     return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
 
 
-def start(cmd, out):
-    """Launch a long run and wait until it has logged 3 training steps."""
+def start(cmd, out, rows=3):
+    """Launch a long run and wait until metrics.jsonl holds `rows` training steps."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(out / "metrics.jsonl") and len(train_rows(out)) >= 3:
+        if os.path.exists(out / "metrics.jsonl") and len(train_rows(out)) >= rows:
             return proc
         time.sleep(0.2)
     proc.kill()
-    raise AssertionError("the run did not reach step 3: " + "".join(proc.communicate()))
+    raise AssertionError(f"the run did not reach step {rows}: " + "".join(proc.communicate()))
+
+
+class Lines:
+    """A process's stderr, read as it comes: wait(text) until a line holds it."""
+
+    def __init__(self, stream):
+        self.lines, self.changed = [], threading.Condition()
+        self.reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+
+    def wait(self, text, timeout=30):
+        with self.changed:
+            return self.changed.wait_for(lambda: text in "".join(self.lines), timeout)
+
+    def __str__(self):
+        return "".join(self.lines)
+
+    __repr__ = __str__  # what an assertion prints
 
 
 @pytest.mark.parametrize("ranks, sig", [(1, signal.SIGTERM), pytest.param(2, signal.SIGUSR1, marks=needs_mpiexec)],
@@ -57,27 +83,151 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(prepared, tmp_path, ran
     assert train_rows(tmp_path / "a") == train_rows(tmp_path / "b") and train_rows(tmp_path / "b")[-1][0] == end
 
 
-def test_a_second_signal_exits_at_once(prepared, tmp_path):
-    """The second SIGINT is sent as soon as the run has said it got the first, while the step that the first one
-    lets finish still runs: steps of 64 micro-batches, a few tenths of a second here."""
-    proc = start([sys.executable, TRAIN, *map(str, [*SMALL, "--data", prepared, "--out", tmp_path / "a",
-                                                    "--max_steps", 100000, "--batch_tokens", 64 * 128])],
-                 tmp_path / "a")
-    lines, heard = [], threading.Event()
+def test_judge_copies_and_deliberate_second_signals():
+    """stopping.judge by hand: the first stop signal stops, the same request within the grace period is a copy (any
+    of SIGTERM, SIGUSR1, SIGINT), one at or after it exits now, and SIGQUIT exits now whenever it comes."""
+    term, usr1, sigint = signal.SIGTERM, signal.SIGUSR1, signal.SIGINT
+    assert judge(term, now=100.0, first=0, first_at=0.0, grace_s=5) == "stop"
+    assert judge(term, now=100.03, first=term, first_at=100.0, grace_s=5) == "copy"  # mpiexec's forwarded copy
+    assert judge(usr1, now=104.99, first=term, first_at=100.0, grace_s=5) == "copy"
+    assert judge(sigint, now=105.0, first=term, first_at=100.0, grace_s=5) == "now"  # a deliberate second
+    assert judge(term, now=100.001, first=term, first_at=100.0, grace_s=0) == "now"  # --signal_grace_s 0: as before
+    assert judge(NOW, now=100.0, first=0, first_at=0.0, grace_s=5) == "now"
+    assert judge(NOW, now=100.01, first=term, first_at=100.0, grace_s=5) == "now"
 
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if "SIGINT: finishing this step" in line:
-                heard.set()
-    reader = threading.Thread(target=read)
-    reader.start()
+
+def test_a_second_signal_exits_at_once_without_grace(prepared, tmp_path):
+    """--signal_grace_s 0: every second signal is deliberate. It is sent as soon as the run has said it got the
+    first, while the step that the first one lets finish still runs: steps of 64 micro-batches, a few tenths of a
+    second here."""
+    proc = start([sys.executable, TRAIN, *map(str, [*SMALL, "--data", prepared, "--out", tmp_path / "a",
+                                                    "--max_steps", 100000, "--batch_tokens", 64 * 128,
+                                                    "--signal_grace_s", 0])], tmp_path / "a")
+    err = Lines(proc.stderr)
     proc.send_signal(signal.SIGINT)
-    assert heard.wait(30), "".join(lines)
+    assert err.wait("SIGINT: finishing this step"), err
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
-    reader.join()
-    assert proc.returncode == 128 + signal.SIGINT and "second signal" in "".join(lines), "".join(lines)
+    err.reader.join()
+    assert proc.returncode == 128 + signal.SIGINT and "second signal" in str(err), err
+
+
+def test_sigquit_exits_at_once(prepared, tmp_path):
+    """SIGQUIT (Ctrl-\\) means "now": exit 131 without a checkpoint (not the default core dump, which for a large
+    model can fill a disk)."""
+    proc = start([sys.executable, TRAIN, *map(str, [*SMALL, "--data", prepared, "--out", tmp_path / "a",
+                                                    "--max_steps", 100000])], tmp_path / "a")
+    proc.send_signal(signal.SIGQUIT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGQUIT and "SIGQUIT: exiting now, without a checkpoint" in err, err
+    assert not [n for n in os.listdir(tmp_path / "a") if n.startswith("ckpt_")]
+
+
+def rank_pids(marker, rank):
+    """The pids of the processes of MPI rank `rank` whose command line contains marker (MPICH sets PMI_RANK)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if marker in cmdline and "train.py" in cmdline and f"PMI_RANK={rank}" in environ:
+            pids.append(int(pid))
+    return pids
+
+
+def alive(pid):
+    """Running, not a zombie that its parent has yet to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill(pids, sig=signal.SIGTERM):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # already gone: nothing left to signal
+            pass
+
+
+# How a job-wide SIGTERM reaches a tp 2 job (PBS, LSF, a job-wide kill): the launcher and the ranks are signalled,
+# and mpiexec forwards its copy to every rank. (first, seconds between, then)
+JOB_WIDE = [("launcher and ranks", 0.0, "nobody"),
+            ("ranks", 0.05, "launcher"),  # the forwarded copy 50 ms behind the direct one
+            ("launcher", 0.05, "ranks"),  # the direct copy 50 ms behind the forwarded one
+            ("ranks", 0.5, "launcher"),  # the forwarded copy arrives while the ranks leave
+            ("launcher", 0.0, "rank 1")]  # rank 0 gets the forwarded copy only
+
+
+@needs_mpiexec
+def test_job_wide_sigterm_each_rank_gets_twice_checkpoints_every_time(prepared, tmp_path):
+    """Five job-wide SIGTERMs in a row at tp 2, one per pattern of JOB_WIDE, each in a run resumed from the last
+    stop: every one exits 75 with a checkpoint at the step reached, and the whole stopped-and-resumed run then
+    equals an uninterrupted one, loss for loss. Before stopping.py took the copies as one request, a copy
+    50 ms or more behind exited at once: 143 and no checkpoint, or exit 15 from mpiexec."""
+    cmd = [MPIEXEC, "-n", "2", sys.executable, TRAIN, *map(str, [*SMALL, "--data", prepared, "--lr_decay_steps", 40,
+                                                                 "--eval_interval", 1000, "--tp", 2])]
+    out, stops = tmp_path / "a", []
+    for i, (first, gap, then) in enumerate(JOB_WIDE):
+        proc = start([*cmd, "--out", str(out), "--max_steps", "100000", *(["--resume"] if i else [])], out,
+                     rows=(stops[-1] if stops else 0) + 3)
+        ranks = rank_pids(str(out), 0) + rank_pids(str(out), 1)
+        who = {"launcher and ranks": [proc.pid, *ranks], "launcher": [proc.pid], "ranks": ranks,
+               "rank 1": rank_pids(str(out), 1), "nobody": []}
+        assert len(ranks) == 2
+        kill(who[first])
+        time.sleep(gap)
+        kill(who[then])
+        _, err = proc.communicate(timeout=120)
+        pattern = f"{first}, then {then} {gap} s later"
+        assert proc.returncode == 75 and "signal SIGTERM" in err and "Traceback" not in err, f"{pattern}:\n{err}"
+        stops.append(train_rows(out)[-1][0])
+        for tp_rank in (0, 1):
+            assert os.path.exists(out / f"ckpt_{stops[-1]:07d}.tp{tp_rank}of2.pt"), f"{pattern}: {stops}"
+    end = stops[-1] + 2
+    subprocess.run([*cmd, "--out", str(out), "--max_steps", str(end), "--resume"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=180)
+    subprocess.run([*cmd, "--out", str(tmp_path / "b"), "--max_steps", str(end)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=180)
+    assert train_rows(out) == train_rows(tmp_path / "b") and [r[0] for r in train_rows(out)] == [*range(1, end + 1)]
+
+
+@needs_mpiexec
+def test_a_deliberate_second_signal_exits_even_from_a_hung_collective(prepared, tmp_path):
+    """Rank 1 stopped, so rank 0 waits in a collective (inside C++, where Python runs no signal handler). Rank 0
+    still hears a SIGTERM, takes a copy 10 ms behind it as a copy, and a second one after --signal_grace_s 1 exits
+    at once, long before --collective_timeout_s 60 would end the wait."""
+    out = tmp_path / "hung"
+    proc = start([MPIEXEC, "-n", "2", sys.executable, TRAIN, *map(str, [*SMALL, "--data", prepared, "--out", out,
+                                                                        "--max_steps", 100000, "--signal_grace_s", 1,
+                                                                        "--collective_timeout_s", 60])], out)
+    err = Lines(proc.stderr)
+    rank0, rank1 = rank_pids(str(out), 0), rank_pids(str(out), 1)
+    try:
+        kill(rank1, signal.SIGSTOP)
+        time.sleep(1.0)  # rank 0 reaches the next collective and waits there
+        kill(rank0)
+        assert err.wait("rank 0: SIGTERM: finishing this step"), err
+        time.sleep(0.01)
+        kill(rank0)
+        assert err.wait("a copy (within --signal_grace_s 1), ignored"), err
+        time.sleep(1.2)
+        t0 = time.time()
+        kill(rank0)
+        assert err.wait("a second signal: exiting now, without a checkpoint"), err
+        while time.time() - t0 < 20 and any(map(alive, rank0)):
+            time.sleep(0.05)
+        assert time.time() - t0 < 10, f"rank 0 still there after {time.time() - t0:.1f} s"
+    finally:
+        kill(rank1, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=60)
 
 
 def test_time_limit_checkpoints_and_exits_75(prepared, tmp_path):
@@ -133,22 +283,6 @@ def test_unreadable_newest_checkpoint_falls_back(prepared, tmp_path):
     assert "the newest checkpoint (step 6) cannot be read; falling back to step 3" in proc.stdout, proc.stdout
     assert "cannot read checkpoint" in proc.stderr and str(newest) in proc.stderr
     assert train_rows(tmp_path / "a") == before  # steps 4 to 6 again, the same
-
-
-def rank_pids(marker, rank):
-    """The pids of the processes of MPI rank `rank` whose command line contains marker (MPICH sets PMI_RANK)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if marker in cmdline and "train.py" in cmdline and f"PMI_RANK={rank}" in environ:
-            pids.append(int(pid))
-    return pids
 
 
 @needs_mpiexec
