@@ -2,6 +2,7 @@
 
     python data.py train-tokenizer --input asc22/ --vocab-size 53228 --out tok/asc22.tiktoken [--sample-mb 1024]
     python data.py prepare --input asc22/ --tokenizer tok/asc22.tiktoken --out data/asc22 [--workers 64]
+    echo "话说天下大势" | python data.py encode --tokenizer tok/asc22.tiktoken | python data.py decode --tokenizer ...
     mpiexec -n 4 python data.py prepare ...      # several nodes share the files; the output is the same
 
 Inputs are `.txt` files with one document per line (the ASC22 corpus writes in-document newlines as the literal
@@ -18,11 +19,13 @@ import argparse
 import json
 import mmap
 import os
+import sys
 import warnings
 
 import numpy as np
 
 from errors import UserError
+from mpi import run_or_abort  # not distributed.py: no torch for a data job
 from shards import META_VERSION, open_tokens
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -191,6 +194,14 @@ class Batches:
 # Command line
 
 
+def transcode(cmd, spec):
+    """data.py encode / decode: stdin to stdout, a line at a time (a pipe sees each line as soon as it is done)."""
+    from tokenizer import decode_lines, encode_lines, load_tokenizer
+    enc = load_tokenizer(spec)[0]
+    for line in (encode_lines if cmd == "encode" else decode_lines)(enc, sys.stdin):
+        print(line, flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -209,13 +220,18 @@ def main(argv=None):
     r.add_argument("--piece-mb", type=float, default=32, help="input MB per unit of work of a worker (default 32)")
     r.add_argument("--workers", type=int, default=0, help="tokenizing processes per rank (default: cores / ranks "
                                                           "on this node)")
+    for name, what in (("encode", "print the token ids of each line of stdin (space-separated, no end-of-document "
+                                   "token; <n> is a newline, as in the corpus)"),
+                       ("decode", "print the text of each line of token ids on stdin (newlines as <n>)")):
+        sub.add_parser(name, help=what).add_argument("--tokenizer", required=True, help="as for prepare")
     for q in (t, r):
         q.add_argument("--min-chars", type=int, default=10, help="drop shorter documents (default 10)")
         q.add_argument("--max-chars", type=int, default=20_000, help="drop longer documents; 0 = no limit "
                                                                      "(default 20000)")
     args = p.parse_args(argv)
+    if args.cmd in ("encode", "decode"):
+        return run_or_abort(lambda: transcode(args.cmd, args.tokenizer))
     import prepare  # here, not above: train.py reads batches without loading the preparation code
-    from mpi import run_or_abort  # not distributed.py: no torch for a data job
     if args.cmd == "train-tokenizer":
         run_or_abort(lambda: prepare.train_tokenizer_cli(args.input, args.vocab_size, args.out, args.sample_mb,
                                                          args.min_chars, args.max_chars))

@@ -49,6 +49,7 @@ class Config:
     seed: int = 1234  # model init, dropout and data order
     eval_interval: int = 50  # evaluate on the val shards every N steps (and after the last)
     eval_batches: int = 8  # micro-batches per evaluation
+    target_loss: float = 0.0  # record when the val loss first reaches this (ASC22's accuracy condition); 0: none
     log_interval: int = 1  # training rows in metrics.jsonl every N steps
     tensorboard: bool = True  # TensorBoard events in OUT/tensorboard (when the tensorboard package is installed)
     ckpt_interval: int = 100  # checkpoint every N steps (and after the last)
@@ -79,7 +80,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} = {getattr(self, name)} must be at least 1.")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "init_std", "layernorm_eps", "time_limit_min",
-                     "signal_grace_s", "collective_timeout_s"):
+                     "signal_grace_s", "collective_timeout_s", "target_loss"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"{name} = {value} must be a finite number, at least 0.")

@@ -76,6 +76,44 @@ class Metrics:
             self.tb.close()
 
 
+class Score:
+    """ASC22's score: a number of tokens trained as fast as possible, with the validation loss at or under a target
+    (--target_loss). Records when the validation loss first reaches the target (step, tokens, wall time) as a
+    metrics.jsonl row, and ends the run with one line: N tokens in T at X tokens/s; final validation loss Y; target L
+    met or not met. The wall time counts across resumes: each training row carries elapsed_s, and a resumed run
+    continues from the last row kept (the time between that row and an interruption, and the restart, are not in).
+    Built after Metrics, which has already moved a resume's rewound rows out."""
+
+    def __init__(self, target, out, enabled):
+        self.target, self.t0, self.prior_s, self.met = target, time.time(), 0.0, None
+        path = os.path.join(out, "metrics.jsonl")
+        if enabled and os.path.exists(path):
+            with open(path) as f:
+                for row in map(json.loads, filter(str.strip, f)):
+                    self.prior_s = row.get("elapsed_s", self.prior_s)
+                    self.met = row if "target_met" in row and self.met is None else self.met
+
+    def elapsed(self):
+        return self.prior_s + time.time() - self.t0
+
+    def evaluated(self, step, tokens, val_loss, metrics, console):
+        if self.target and self.met is None and val_loss <= self.target:
+            self.met = dict(step=step, target_met=self.target, tokens=tokens, elapsed_s=self.elapsed())
+            metrics.log(**self.met)
+            console.write(f"target loss {self.target:g} met at step {step}: val loss {val_loss:.4f} after "
+                          f"{tokens:,} tokens, {clock(self.met['elapsed_s'])}")
+
+    def summary(self, tokens, val_loss):
+        seconds = self.elapsed()
+        line = (f"{tokens:,} tokens in {clock(seconds)} ({seconds:.1f} s) at {tokens / seconds:,.0f} tokens/s; final "
+                f"validation loss {val_loss:.4f}")
+        if not self.target:
+            return line
+        met = self.met
+        return line + (f"; target {self.target:g} met at step {met['step']} ({met['tokens']:,} tokens, "
+                       f"{clock(met['elapsed_s'])})" if met else f"; target {self.target:g} not met")
+
+
 def clock(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 

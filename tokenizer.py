@@ -111,3 +111,27 @@ def load_tokenizer(spec):
     if enc.n_vocab > UINT16_IDS:
         raise UserError(f"tokenizer {spec} has {enc.n_vocab:,} tokens; ids must fit uint16 (at most {UINT16_IDS:,}).")
     return enc, dict(name=os.path.basename(spec), hash=digest, n_vocab=enc.n_vocab, eot=enc.eot_token)
+
+
+def encode_lines(enc, lines):
+    """`data.py encode`: each input line (one document in the corpus's .txt form: `<n>` is a newline, as prepare
+    reads it) as its token ids, space-separated, one line of ids per line; no end-of-document token (prepare adds
+    one after each document)."""
+    for line in lines:
+        yield " ".join(map(str, enc.encode_ordinary(line.rstrip("\r\n").replace("<n>", "\n"))))
+
+
+def decode_lines(enc, lines):
+    """`data.py decode`: the reverse of encode_lines; a newline in the text is written back as `<n>`, so that each
+    line of ids stays one line of text."""
+    for number, line in enumerate(lines, 1):
+        try:
+            ids = [int(word) for word in line.split()]
+        except ValueError:
+            raise UserError(f"line {number} of the input is not token ids: {line.strip()[:80]!r}.\nHINT: data.py "
+                            f"decode reads space-separated integers, one document per line (what encode prints).")
+        bad = [i for i in ids if not 0 <= i < enc.n_vocab]
+        if bad:
+            raise UserError(f"line {number}: token id {bad[0]} is outside this tokenizer's vocabulary "
+                            f"(0..{enc.n_vocab - 1}).\nHINT: decode with the tokenizer that encoded the ids.")
+        yield enc.decode(ids).replace("\n", "<n>")

@@ -29,7 +29,7 @@ from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from mpi import run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
 from checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
-from run_dir import Console, Metrics, prepare_out_dir
+from run_dir import Console, Metrics, Score, prepare_out_dir
 from stopping import Stopping
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -310,6 +310,7 @@ def train(argv):
     step = resume(out, model, opt, scaler, cfg, tokenizer, dist) if flags["resume"] else 0
     tensorboard = cfg.tensorboard and (True if "tensorboard" in overrides else None)  # None: if installed
     metrics = Metrics(out, step, enabled=dist.rank == 0, tensorboard=tensorboard)
+    score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
     if step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
@@ -354,13 +355,15 @@ def train(argv):
         mfu = flops * tok_s / (peak * dist.world) if peak else None
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             metrics.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * cfg.batch_tokens,
-                        tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.scale, skipped=not finite)
+                        tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.scale, skipped=not finite,
+                        elapsed_s=score.elapsed())
         console.step(step, loss, lr, grad_norm, tok_s, mfu)
         stopping.check_divergence(step, loss, finite, ckpt_path)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = evaluate()
             metrics.log(step=step, val_loss=val_loss)
             console.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+            score.evaluated(step, step * cfg.batch_tokens, val_loss, metrics, console)
         requeue = stopping.requeue_reason(dt) if step < cfg.max_steps else None  # the same on every rank
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or requeue:
             t0 = time.perf_counter()
@@ -373,6 +376,7 @@ def train(argv):
     console.close()
     metrics.close()
     if ran_steps:
+        dist.print0(score.summary(step * cfg.batch_tokens, val_loss))
         dist.print0(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data "
                     f"{data.unigram_entropy():.4f} (the best loss without context). Checkpoints in {out}")
     else:

@@ -20,6 +20,7 @@ CASES = [
     ("train.py", [*SMALL, "--data", "{data}"], "--out is required"),
     ("train.py", [*TRAIN, "--dtype", "fp8"], "not one of"),
     ("train.py", [*TRAIN, "--lr", "nan"], "lr = nan must be a finite number"),
+    ("train.py", [*TRAIN, "--signal_grace_s", "-1"], "signal_grace_s = -1.0 must be a finite number"),
     ("train.py", [*TRAIN, "--lr", "-0.1"], "lr = -0.1 must be a finite number, at least 0"),
     ("train.py", [*TRAIN, "--time_limit_min", "inf"], "time_limit_min = inf"),
     ("train.py", [*TRAIN, "--seq_len", "0"], "seq_len = 0 must be at least 1"),

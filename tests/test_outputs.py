@@ -1,19 +1,20 @@
 """What people look at during and after a run (run_dir.py, plot.py): plain log lines when stdout is not a
-terminal, TensorBoard events equal to metrics.jsonl, the loss plot."""
+terminal, TensorBoard events equal to metrics.jsonl, the loss plot, the score line (--target_loss)."""
 import os
 
 import pytest
 
 from conftest import SMALL, read_metrics, run
+from run_dir import Score
 
 
 @pytest.fixture(scope="module")
 def logged(prepared, tmp_path_factory):
     """A 12-step run with stdout and stderr captured (pipes, as in a batch log), stopped at 8 and resumed."""
     out = tmp_path_factory.mktemp("logged") / "run"
-    first = run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 8, "--ckpt_interval", 4)
-    second = run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 12, "--ckpt_interval", 4,
-                 "--resume")
+    common = [*SMALL, "--data", prepared, "--out", out, "--ckpt_interval", 4, "--target_loss", 100]
+    first = run("train.py", *common, "--max_steps", 8)
+    second = run("train.py", *common, "--max_steps", 12, "--resume")
     return out, first, second
 
 
@@ -52,3 +53,33 @@ def test_plot_two_runs(logged, prepared, tmp_path):
     assert "2 run(s)" in proc.stdout
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
+def test_score_line_across_a_resume(logged):
+    """--target_loss 100: met at the first evaluation (step 5 of SMALL), recorded once, and still reported by the
+    resumed run; the wall time (elapsed_s) runs on across the resume."""
+    out, first, second = logged
+    rows = read_metrics(out)
+    met = [r for r in rows if "target_met" in r]
+    assert [(r["step"], r["target_met"], r["tokens"]) for r in met] == [(5, 100, 5 * 256)]
+    elapsed = [r["elapsed_s"] for r in rows if "loss" in r]
+    assert len(elapsed) == 12 and elapsed == sorted(elapsed) and elapsed[8] >= elapsed[7]
+    for proc, steps in ((first, 8), (second, 12)):
+        final = [r["val_loss"] for r in rows if "val_loss" in r and r["step"] == steps][0]
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{steps * 256:,} tokens in "))
+        assert f"final validation loss {final:.4f}; target 100 met at step 5 (1,280 tokens, " in line, line
+
+
+def test_score_not_met(tmp_path):
+    class Quiet:
+        def log(self, **row):
+            self.row = row
+
+        def write(self, text):
+            pass
+    score, metrics = Score(2.5, tmp_path, enabled=True), Quiet()
+    score.evaluated(10, 1000, 2.6, metrics, Quiet())
+    assert score.met is None and "; target 2.5 not met" in score.summary(1000, 2.6)
+    score.evaluated(20, 2000, 2.5, metrics, Quiet())  # at the target counts
+    assert metrics.row["step"] == 20 and "target 2.5 met at step 20 (2,000 tokens, " in score.summary(3000, 2.4)
+    assert "target" not in Score(0.0, tmp_path, enabled=True).summary(1000, 2.6)

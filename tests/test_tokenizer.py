@@ -1,9 +1,11 @@
 import collections
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run
+from conftest import ROOT, run
 from errors import UserError
 from prepare import Clean, read_documents
 from tokenizer import load_tokenizer, train_tokenizer
@@ -107,3 +109,29 @@ def test_sample_spreads_over_the_file(tmp_path):
     assert docs[0] == "document number 000000 of the corpus"
     assert 9000 < len(docs) < 11000 and int(docs[-1].split()[2]) > 90_000
     assert docs == list(sample_documents([str(path)], 0.4, Clean(), collections.Counter()))
+
+
+def transcode(cmd, tokenizer, text):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), cmd, "--tokenizer", tokenizer], input=text,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_encode_and_decode_by_hand(tokenizer):
+    """data.py encode: one line of ids per stdin line, the tokenizer's own ids, no end-of-document token, <n> a
+    newline as in the corpus; data.py decode gives the lines back."""
+    lines = ["话说天下大势，分久必合，合久必分。", "Yuan 1.0 has 245B params, 源1.0 有2450亿参数!", "第一回<n>宴桃园 😀"]
+    enc = load_tokenizer(tokenizer)[0]
+    encoded = transcode("encode", tokenizer, "\n".join(lines) + "\n")
+    assert encoded.returncode == 0, encoded.stderr
+    rows = encoded.stdout.splitlines()
+    assert rows == [" ".join(map(str, enc.encode_ordinary(line.replace("<n>", "\n")))) for line in lines]
+    assert all(str(enc.eot_token) not in row.split() for row in rows)
+    decoded = transcode("decode", tokenizer, encoded.stdout)
+    assert decoded.returncode == 0 and decoded.stdout.splitlines() == lines, decoded.stderr
+
+
+@pytest.mark.parametrize("ids, message", [("1 2 x", "line 2 of the input is not token ids"),
+                                          ("1 70000", "line 2: token id 70000 is outside")])
+def test_decode_refuses_what_is_not_ids(tokenizer, ids, message):
+    proc = transcode("decode", tokenizer, "5 6\n" + ids + "\n")
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
