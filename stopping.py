@@ -65,8 +65,9 @@ class Stopping:
         while True:
             arrived = os.read(read, 64)  # blocks with the GIL released; several bytes if several signals arrived
             now = time.monotonic()
-            for signum in arrived:
-                self._on_signal(signum, now)
+            for signum in arrived:  # the pipe hears every signal with a Python handler: only ours count
+                if signum in (*SIGNALS, NOW):
+                    self._on_signal(signum, now)
 
     def _on_signal(self, signum, now):
         name, grace, since = signal.Signals(signum).name, self.cfg.signal_grace_s, now - self.signal_at
