@@ -131,10 +131,12 @@ PRESETS = {
                  micro_batch=4, batch_tokens=1048576, lr=2e-4, warmup_steps=500, max_steps=1000,
                  eval_interval=100, ckpt_interval=200),
     # ASC22: 40 layers, hidden 3072, 24 heads, FFN 12288, sequence 2048, Yuan's 53,228 tokens padded to 53,248.
-    # 1B tokens at 1M tokens per step = ~954 steps.
+    # 1B tokens at 1M tokens per step = ~954 steps. Training fields after Yuan's published recipe
+    # (Shawn-IEITSystems/Yuan-1.0, src/pretrain_yuan_13B.sh): --weight-decay 0.01, --init-method-std 0.002,
+    # --adam-beta2 0.95 and --clip-grad 1.0 (train.py's AdamW and grad_clip already), --min-lr = lr / 10 (min_lr_ratio).
     "yuan-4.7b": dict(n_layer=40, n_head=24, n_embd=3072, ffn_hidden=12288, seq_len=2048,  # 4,701,321,216 params
                       vocab_size=53248, micro_batch=1, batch_tokens=1048576, lr=1.6e-4, warmup_steps=100,
-                      max_steps=954, eval_interval=100, ckpt_interval=100),
+                      max_steps=954, eval_interval=100, ckpt_interval=100, weight_decay=0.01, init_std=0.002),
 }
 
 
