@@ -296,19 +296,14 @@ def test_a_hung_rank_ends_the_job_and_is_named(prepared, tmp_path):
     stopped = rank_pids(str(out), 1)
     assert stopped, "rank 1's process not found"
     try:
-        for pid in stopped:
-            os.kill(pid, signal.SIGSTOP)
+        kill(stopped, signal.SIGSTOP)
         t0 = time.time()
         _, err = proc.communicate(timeout=8 + 60)
         assert proc.returncode != 0 and time.time() - t0 < 8 + 30, err
         assert "Rank(s) [1] did not arrive" in err, err
     finally:
         proc.kill()
-        for pid in stopped:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill(stopped, signal.SIGKILL)
 
 
 @needs_mpiexec
