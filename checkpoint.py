@@ -24,7 +24,7 @@ import torch.distributed as tdist
 from errors import UserError
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
 from model import MODEL_FIELDS, Config, Yuan
-from tokenizer import load_tokenizer
+from tokenizer import copy_spec, load_tokenizer
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
 
@@ -183,10 +183,10 @@ def load_step(out, step, written_tp, tp, tp_rank):
 
 
 def run_tokenizer(run, ckpt):
-    """The tiktoken encoding and identity of the tokenizer a checkpoint was trained with: the copy train.py keeps in
-    the run's directory (or the built-in of that name), checked against the checkpoint's hash."""
-    spec = os.path.join(run, "tokenizer.tiktoken")
-    enc, tok = load_tokenizer(spec if os.path.exists(spec) else ckpt["tokenizer"]["name"])
+    """The tokenizer (tokenizer.py) and identity a checkpoint was trained with: the copy train.py keeps in the run's
+    directory (or the built-in of that name), checked against the checkpoint's hash."""
+    spec = copy_spec(run, ckpt["tokenizer"])
+    enc, tok = load_tokenizer(spec)
     if tok["hash"] != ckpt["tokenizer"]["hash"]:
         raise UserError(f"{spec} is not the tokenizer the checkpoint of step {ckpt['step']} was trained with (hash "
                         f"differs).")

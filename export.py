@@ -9,7 +9,8 @@ Yuan 1.0 is GPT-2's architecture (learned positions, pre-LayerNorm, biases, exac
 embedding), so the directory holds a GPT2LMHeadModel:
     config.json                     GPT2Config (n_inner = ffn_hidden, activation "gelu", vocabulary padded as trained)
     model.safetensors               the weights (model-0000k-of-0000n.safetensors + an index above 4 GB)
-    tokenizer.json, tokenizer_config.json   the same byte-level BPE as the run's tiktoken file, the same ids
+    tokenizer.json, tokenizer_config.json   the same byte-level BPE as the run's tiktoken file, the same ids (bert:
+                                    its WordPiece; yuan:, which needs jieba, exports vocab.txt instead)
 Two layouts differ. nn.Linear stores [out, in] and GPT-2's Conv1D [in, out]: every matrix is transposed. And our
 fused QKV groups its output rows per head, [q_h | k_h | v_h] for h = 0..H-1 (so that a tensor-parallel shard is
 whole heads), where GPT-2 wants [q_0..q_H-1 | k_0..k_H-1 | v_0..v_H-1]: the rows are permuted. Any checkpoint layout
@@ -18,11 +19,13 @@ whole heads), where GPT-2 wants [q_0..q_H-1 | k_0..k_H-1 | v_0..v_H-1]: the rows
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import torch
 
 from checkpoint import config_of, consolidated, run_tokenizer
+from tokenizer import copy_spec
 from errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -136,14 +139,23 @@ def export(out, to, step=None, dtype="fp32"):
         json.dump(gpt2_config(cfg, tok["eot"], dtype), f, indent=1)
     with open(os.path.join(to, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": tok["eot"], "eos_token_id": tok["eot"]}, f, indent=1)
-    hf_tokenizer(enc, tok["eot"]).save(os.path.join(to, "tokenizer.json"))
-    eot_text = enc.decode([tok["eot"]])
-    with open(os.path.join(to, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.seq_len,
-                   "bos_token": eot_text, "eos_token": eot_text, "unk_token": None, "clean_up_tokenization_spaces":
-                   False, "add_prefix_space": False}, f, indent=1)
+    kind = tok.get("kind", "tiktoken")
+    if kind == "yuan":  # jieba has no tokenizer.json form: the vocabulary goes beside the weights
+        shutil.copyfile(copy_spec(out, tok).partition(":")[2], os.path.join(to, "vocab.txt"))
+        names.append("vocab.txt")
+        print("note: the yuan: tokenizer (jieba, then Yuan's pieces) has no tokenizer.json form; vocab.txt is in the "
+              "export: encode with nanoyuan's tokenizer.py (YuanTokenizer) or Yuan 1.0's EncDecTokenizer.")
+    else:
+        hf = hf_tokenizer(enc, tok["eot"]) if kind == "tiktoken" else enc.exported()
+        hf.save(os.path.join(to, "tokenizer.json"))
+        eot_text = enc.decode([tok["eot"]])
+        with open(os.path.join(to, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.seq_len,
+                       "bos_token": eot_text, "eos_token": eot_text, "unk_token": "[UNK]" if kind == "bert" else None,
+                       "clean_up_tokenization_spaces": False, "add_prefix_space": False}, f, indent=1)
+        names += ["tokenizer.json", "tokenizer_config.json"]
     print(f"exported {where} (step {ckpt['step']}) to {to}: GPT2LMHeadModel, {cfg.n_layer} layers, vocabulary "
-          f"{cfg.vocab_size} ({tok['n_vocab']} tokens), {dtype}, {', '.join(names)}")
+          f"{cfg.vocab_size} ({tok['n_vocab']} tokens, {tok.get('name')}), {dtype}, {', '.join(names)}")
 
 
 def main(argv=None):

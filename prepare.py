@@ -29,7 +29,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 import zlib
@@ -38,7 +37,7 @@ import numpy as np
 
 from shards import META_VERSION, TokenWriter, read_header
 from errors import UserError
-from tokenizer import check_vocab_and_out, load_tokenizer, train_tokenizer
+from tokenizer import check_vocab_and_out, load_tokenizer, save_copy, train_tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 TEXT_KEYS = ("kept", "chars", "short", "long", "blank", "bad_bytes", "val_docs", "train_tokens", "val_tokens")
@@ -493,9 +492,7 @@ def finish(out, files, inputs, tokenizer, tok, settings, records, seconds, worke
             print(f"warning: the {split} split is empty ({stats['kept']} documents kept, --val-fraction "
                   f"{settings['val_fraction']}); train.py needs both.\nHINT: add documents or change "
                   f"--val-fraction (in a fresh --out).", file=sys.stderr)
-    if os.path.isfile(tokenizer):  # keep a copy, so the data directory alone can decode its tokens
-        for src in (tokenizer, os.path.splitext(tokenizer)[0] + ".json"):
-            shutil.copyfile(src, os.path.join(out, "tokenizer" + os.path.splitext(src)[1]))
+    save_copy(tokenizer, tok, out)  # so that the data directory alone can decode its tokens
     shards = [dict(train=shard_names(r["shard"])[0], train_tokens=r["stats"]["train_tokens"],
                    val=shard_names(r["shard"])[1], val_tokens=r["stats"]["val_tokens"]) for r in records]
     meta = dict(format_version=META_VERSION, tokenizer=tok, tokenizer_spec=tokenizer, sources=files,

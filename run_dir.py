@@ -171,7 +171,7 @@ def prepare_out_dir(out, resume, overwrite, dist):
         if not overwrite:
             raise UserError(f"{out} already holds a run ({', '.join(old)}).\n"
                             f"HINT: --resume to continue it, --overwrite to delete it, or another --out.")
-        old += [n for n in names if n in ("config.json", "tokenizer.tiktoken", "tokenizer.json")]
+        old += [n for n in names if n in ("config.json", "tokenizer.tiktoken", "tokenizer.json", "tokenizer.vocab.txt")]
         for name in old:
             os.remove(os.path.join(out, name))
         if os.path.isdir(os.path.join(out, "tensorboard")):

@@ -22,7 +22,7 @@ from model import Yuan
 
 
 def load_model(args):
-    """(model in eval mode, tiktoken encoding, tokenizer info, checkpoint step, where it came from)."""
+    """(model in eval mode, tokenizer (tokenizer.py), its identity, checkpoint step, where it came from)."""
     if args.ckpt:
         ckpt, where = load_checkpoint(args.ckpt), args.ckpt
         if ckpt["layout"]["tp"] > 1:

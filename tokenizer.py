@@ -1,16 +1,27 @@
-"""The tokenizer: a byte-level BPE trained with `tokenizers`, stored and run as tiktoken.
+"""The tokenizers: our byte-level BPE (trained with `tokenizers`, run as tiktoken), and the two that ASC22 used.
 
     python data.py train-tokenizer --input corpus/sanguo.txt --vocab-size 8192 --out out/tok/sanguo.tiktoken
+    --tokenizer out/tok/sanguo.tiktoken     our BPE (or a tiktoken built-in: gpt2, p50k_base)
+    --tokenizer yuan:PATH/vocab.txt         Yuan 1.0's own: jieba words, then longest-match pieces (YuanTokenizer)
+    --tokenizer bert:PATH/vocab.txt         Megatron's BertWordPieceLowerCase, as ASC22 teams ran it (bert_tokenizer)
 
-Training (once, on a bounded sample of the corpus: see prepare.sample_documents) uses Hugging Face `tokenizers`;
-encoding (billions of tokens) uses tiktoken, which is faster. The rank file lists the 256 bytes, then each merge in
-the order BPE learned it, so tiktoken's "merge the lowest-ranked pair first" reproduces the trained merges. A .json
-beside it holds the split pattern and the end-of-document token.
+Each loads as an object with tiktoken's interface (encode_ordinary, encode_to_numpy, decode, n_vocab, eot_token)
+plus an identity {kind, name, hash, n_vocab, eot} that meta.json and every checkpoint carry. A copy of the
+tokenizer's files goes beside the prepared data and the checkpoints (save_copy), so they alone can decode.
+
+Our BPE: training (once, on a bounded sample of the corpus: see prepare.sample_documents) uses Hugging Face
+`tokenizers`; encoding (billions of tokens) uses tiktoken, which is faster. The rank file lists the 256 bytes, then
+each merge in the order BPE learned it, so tiktoken's "merge the lowest-ranked pair first" reproduces the trained
+merges. A .json beside it holds the split pattern and the end-of-document token.
 """
 import base64
 import hashlib
 import json
 import os
+import re
+import shutil
+
+import numpy as np
 
 from errors import UserError
 
@@ -73,6 +84,17 @@ def train_tokenizer(documents, vocab_size, out):
 
 
 def load_tokenizer(spec):
+    """The tokenizer `spec` names (see the module docstring) and its identity {kind, name, hash, n_vocab, eot}."""
+    kind, _, path = spec.partition(":")
+    if kind in VOCAB_KINDS and path:
+        enc = VOCAB_KINDS[kind](path)
+        return enc, dict(kind=kind, name=f"{kind}:{os.path.basename(path)}", hash=enc.hash, n_vocab=enc.n_vocab,
+                         eot=enc.eot_token)
+    enc, tok = _load_tiktoken(spec)
+    return enc, dict(kind="tiktoken", **tok)
+
+
+def _load_tiktoken(spec):
     """A tiktoken.Encoding and its identity {name, hash, n_vocab, eot} from a rank file or a built-in name."""
     import tiktoken
     if os.path.isfile(spec):
@@ -106,8 +128,8 @@ def load_tokenizer(spec):
             ) from None
         digest = hashlib.sha256(f"tiktoken:{spec}".encode()).hexdigest()
     else:
-        raise UserError(f"tokenizer {spec!r} is neither a file nor a usable tiktoken built-in "
-                        f"({', '.join(BUILTIN_OK)}).")
+        raise UserError(f"tokenizer {spec!r} is neither a file, nor yuan:PATH/vocab.txt or bert:PATH/vocab.txt, nor a "
+                        f"usable tiktoken built-in ({', '.join(BUILTIN_OK)}).")
     if enc.n_vocab > UINT16_IDS:
         raise UserError(f"tokenizer {spec} has {enc.n_vocab:,} tokens; ids must fit uint16 (at most {UINT16_IDS:,}).")
     return enc, dict(name=os.path.basename(spec), hash=digest, n_vocab=enc.n_vocab, eot=enc.eot_token)
@@ -135,3 +157,254 @@ def decode_lines(enc, lines):
             raise UserError(f"line {number}: token id {bad[0]} is outside this tokenizer's vocabulary "
                             f"(0..{enc.n_vocab - 1}).\nHINT: decode with the tokenizer that encoded the ids.")
         yield enc.decode(ids).replace("\n", "<n>")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A copy beside the data and the checkpoints
+
+
+def copy_names(tok):
+    """The fixed names a tokenizer's files take in a data or run directory."""
+    return ("tokenizer.tiktoken", "tokenizer.json") if tok.get("kind", "tiktoken") == "tiktoken" \
+        else ("tokenizer.vocab.txt",)
+
+
+def save_copy(spec, tok, directory):
+    """Copy the files behind `spec` into `directory` under copy_names (a copy already there is kept; a tiktoken
+    built-in has no file to copy)."""
+    kind, _, path = spec.partition(":")
+    sources = [path] if kind in VOCAB_KINDS else [spec, os.path.splitext(spec)[0] + ".json"] \
+        if os.path.isfile(spec) else []
+    for src, name in zip(sources, copy_names(tok)):
+        dst = os.path.join(directory, name)
+        if os.path.isfile(src) and not os.path.exists(dst) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+
+
+def copy_spec(directory, tok):
+    """The spec that loads the copy save_copy left in `directory`; a built-in's name where there is none."""
+    first = os.path.join(directory, copy_names(tok)[0])
+    if not os.path.exists(first):
+        return tok["name"]
+    kind = tok.get("kind", "tiktoken")
+    return first if kind == "tiktoken" else f"{kind}:{first}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# vocab.txt, read as both references read it (Yuan-1.0's tokenization_enc_dec.py and Megatron's bert_tokenization.py)
+
+
+def read_vocab(path, kind, required):
+    """{piece: id} and the number of ids: line i (from 0) is id i, stripped of surrounding whitespace. A blank line
+    takes an id (the piece ""), and a repeated piece keeps its last id; the earlier one is never produced."""
+    if not os.path.isfile(path):
+        raise UserError(f"{kind}:{path}: no such file.\nHINT: {kind}: takes the path of a vocab.txt, one piece per "
+                        f"line (Yuan's is src/vocab.txt in github.com/Shawn-IEITSystems/Yuan-1.0).")
+    vocab, n = {}, 0
+    try:
+        with open(path, encoding="utf-8") as f:  # text mode: a line ends at \n, \r\n or \r, as in the references
+            for n, line in enumerate(f, 1):
+                vocab[line.strip()] = n - 1
+    except UnicodeDecodeError as e:
+        raise UserError(f"{kind}:{path} is not a vocab.txt: it is not UTF-8 text ({e.reason} at byte {e.start:,}).\n"
+                        f"HINT: pass the vocab.txt the data was (or will be) prepared with.") from None
+    missing = [piece for piece in required if piece not in vocab]
+    if missing:
+        raise UserError(f"{kind}:{path} is not a {'Yuan' if kind == 'yuan' else 'BERT'} vocab.txt: it has no line "
+                        f"{' or '.join(missing)} ({n:,} lines read).\nHINT: pass the vocab.txt the data was (or will "
+                        f"be) prepared with{TOKENIZER_HINTS[kind]}")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(kind.encode() + b":" + f.read()).hexdigest()  # the same file is two tokenizers
+    if n > UINT16_IDS:
+        raise UserError(f"{kind}:{path} has {n:,} lines; token ids must fit uint16 (at most {UINT16_IDS:,}).")
+    return vocab, n, digest
+
+
+TOKENIZER_HINTS = {
+    "yuan": ".",
+    "bert": ". Megatron's BertWordPiece maps unknown characters to [UNK]; Yuan's vocab.txt has none (its unknown is "
+            "<unk>): append a line [UNK] to a copy, as ASC22 teams did (53,229 lines), or use yuan: instead.",
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# yuan: Yuan 1.0's EncDecTokenizer (src/megatron/tokenizer/tokenization_enc_dec.py in Shawn-IEITSystems/Yuan-1.0)
+
+CHINESE = re.compile("[\u4e00-\u9fff]")  # the reference's is_contain_chinese
+TO_MARKS = str.maketrans(" \n", "\u2582\u2583")  # space -> ▂, newline -> ▃ (pieces of the vocabulary)
+ASCII_END, ASCII_WORD = re.compile("[!-~]$"), re.compile("[A-Za-z0-9]")  # decode: a space between "x" and "y"
+
+
+# jieba-rs takes more characters into its blocks (CJK extensions, compatibility ideographs) and cuts ASCII in them
+# otherwise; a run of such characters that holds one of those goes to jieba, whole (a linear match: from a run's start)
+SLOW_RUN = re.compile("(?<![\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-])([\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-]*[\u3400-\u4DBF\u9FD6-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-][\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-]*)")
+
+
+def _jieba_cut():
+    """jieba 0.42.1's precise mode (HMM on), as a function text -> words. jieba itself is the reference; where
+    rjieba (jieba-rs) is installed, it cuts the text between SLOW_RUNs, many times faster and with the same words
+    (checked on 10 MB: bench/RESULTS.md, "Yuan tokenizer parity"). jieba cuts each SLOW_RUN: there jieba-rs's
+    blocks differ, and it keeps "example.com" one word where jieba gives three."""
+    try:
+        import jieba
+    except ImportError:
+        raise UserError("the yuan: tokenizer segments words with jieba, which is not installed.\n"
+                        "HINT: .venv/bin/pip install jieba==0.42.1 rjieba  (rjieba is optional: it is faster)") from None
+    jieba.setLogLevel(60)  # no "Building prefix dict ..." on stderr
+    try:
+        from rjieba import cut as fast
+    except ImportError:
+        return jieba.lcut
+
+    slow = {}  # slow run -> its words: web text repeats its "2022年", "iPhone", "COVID-19"
+
+    def cut(text):
+        words, parts = [], SLOW_RUN.split(text)  # [fast part, slow run, fast part, ...]
+        for i, part in enumerate(parts):
+            if not part:
+                continue
+            if i % 2 == 0:
+                words += fast(part)
+                continue
+            known = slow.get(part)
+            if known is None:
+                if len(slow) >= 1 << 18:
+                    slow.clear()
+                known = slow[part] = jieba.lcut(part)
+            words += known
+        return words
+    return cut
+
+
+class YuanTokenizer:
+    """Text -> jieba words -> pieces, as Yuan 1.0's EncDecTokenizer.encode does it:
+
+      1. jieba's precise mode cuts the text into words; in each word a space becomes ▂ and a newline ▃;
+      2. each word is split greedily into the longest pieces of the vocabulary, left to right: a piece that holds a
+         Chinese character (U+4E00..U+9FFF) is looked up as it is, any other piece after the word's first character
+         as "##piece"; a character that starts no piece becomes <unk>, and so does a word of over 200 characters;
+      3. a space (id 10, ▂) between two non-Chinese pieces is dropped.
+
+    The ids are the reference's (checked on 10 MB by running it: bench/yuan_parity.py). Differences, by design:
+    empty text is [] (the reference fails on it), and decode joins "##" pieces to the piece before them (the
+    reference prints them as "play ##ing"), and decode puts a space back only between a piece that ends in ASCII and
+    one that starts with a letter or digit ("hello world", "Hello, world"): the reference's decode puts one between
+    any two non-Chinese pieces, which are also "：", "”" and the newline ("曰： \n “吾乃 ... 之后。 ”"). A document
+    ends with <eod>, which prepare appends."""
+
+    SPACE = 10  # the reference hard-codes the id of ▂
+
+    def __init__(self, path):
+        self.vocab, self.n_vocab, self.hash = read_vocab(path, "yuan", ("<unk>", "<eod>"))
+        if self.vocab.get("\u2582") != self.SPACE:
+            raise UserError(f"yuan:{path} is not a Yuan vocab.txt: line {self.SPACE + 1} is not \u2582 (the space), "
+                            f"and Yuan's tokenizer takes id {self.SPACE} as the space.\nHINT: pass Yuan's vocab.txt "
+                            f"(src/vocab.txt in Shawn-IEITSystems/Yuan-1.0), or use bert: for a BERT vocabulary.")
+        self.unk, self.eot_token = self.vocab["<unk>"], self.vocab["<eod>"]
+        self.piece = {i: p for p, i in self.vocab.items()}
+        # "English" ids: no Chinese character in the piece; the space itself is not one
+        self.english = [i in self.piece and not CHINESE.search(self.piece[i]) for i in range(self.n_vocab)]
+        self.english[self.SPACE] = False
+        self.cut = _jieba_cut()
+        self.words = {}  # word -> its ids; a corpus repeats its words, so most words are split once
+
+    def _split(self, word):
+        """Step 2 for one word (▂ and ▃ already in it)."""
+        if len(word) > 200:
+            return [self.unk]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):  # the longest piece first
+                piece = word[start:end]
+                if not CHINESE.search(piece) and start > 0:
+                    piece = "##" + piece
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                ids.append(self.unk)
+                start += 1
+        return ids
+
+    def encode_ordinary(self, text):
+        ids = []
+        for word in self.cut(text):
+            known = self.words.get(word)
+            if known is None:
+                if len(self.words) >= 1 << 20:  # bound the memory; the frequent words come back at once
+                    self.words.clear()
+                known = self.words[word] = self._split(word.translate(TO_MARKS))
+            ids += known
+        en, space = self.english, self.SPACE
+        return ids[:1] + [x for prev, x, nxt in zip(ids, ids[1:-1], ids[2:])
+                          if not (x == space and en[prev] and en[nxt])] + ids[1:][-1:]
+
+    def encode_to_numpy(self, text, disallowed_special=()):
+        return np.array(self.encode_ordinary(text), dtype=np.uint32)
+
+    def decode(self, ids, errors=None):
+        out = []
+        for x in ids:
+            piece = self.piece.get(x, "<unk>")
+            if piece.startswith("##") and len(piece) > 2:
+                piece = piece[2:]
+            elif out and ASCII_END.search(out[-1]) and ASCII_WORD.match(piece):
+                out.append(" ")  # where encode may have dropped one
+            out.append(piece)
+        return "".join(out).replace("\u2582", " ").replace("\u2583", "\n")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bert: Megatron's BertWordPieceLowerCase (the BERT tokenizer, lower case), through Hugging Face `tokenizers`
+
+CJK_GAP = re.compile("(?<=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]) | (?=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])")
+
+
+class BertTokenizer:
+    """BERT's lower-case WordPiece as Megatron runs it for --tokenizer-type BertWordPieceLowerCase: clean the text,
+    put spaces around each Chinese character, lower-case and strip accents, split on whitespace and punctuation,
+    then greedy longest-match pieces ("##" after a word's first piece; [UNK] for a word with no match or over 200
+    characters). Megatron appends [BOS] and [EOS] to the vocabulary when the file lacks them; [EOS] ends each
+    document. Text that spells a special token ("[SEP]") is plain text, as in Megatron. The ids are those of
+    transformers' BertTokenizer (do_lower_case, split_special_tokens) and of Megatron's own FullTokenizer
+    (tests/test_tokenizer.py; bench/RESULTS.md). Decoding joins pieces with spaces, except around Chinese."""
+
+    def __init__(self, path):
+        self.vocab, self.n_vocab, self.hash = read_vocab(path, "bert", ("[UNK]",))
+        for extra in ("[BOS]", "[EOS]"):  # Megatron's _BertWordPieceTokenizer.add_token
+            if extra not in self.vocab:
+                self.vocab[extra], self.n_vocab = self.n_vocab, self.n_vocab + 1
+        try:
+            from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        except ImportError:
+            raise UserError("the bert: tokenizer runs on Hugging Face tokenizers, which is not installed.\n"
+                            "HINT: .venv/bin/pip install tokenizers") from None
+        self.tok = Tokenizer(models.WordPiece(self.vocab, unk_token="[UNK]", max_input_chars_per_word=200))
+        # lower case in Python, as Megatron does (a word-final Σ becomes ς, where Rust's lower case gives σ)
+        self.tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                         strip_accents=True, lowercase=False)
+        self.tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self.piece = {i: p for p, i in self.vocab.items()}
+        self.eot_token = self.vocab["[EOS]"]
+
+    def encode_ordinary(self, text):
+        return self.tok.encode(text.lower(), add_special_tokens=False).ids
+
+    def encode_to_numpy(self, text, disallowed_special=()):
+        return np.array(self.encode_ordinary(text), dtype=np.uint32)
+
+    def exported(self):
+        """The `tokenizers` object for export.py's tokenizer.json, lower-casing in Rust (see __init__)."""
+        from tokenizers import Tokenizer, decoders, normalizers
+        tok = Tokenizer.from_str(self.tok.to_str())
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+        tok.decoder = decoders.WordPiece()
+        return tok
+
+    def decode(self, ids, errors=None):
+        return CJK_GAP.sub("", " ".join(self.piece.get(x, "[UNK]") for x in ids).replace(" ##", ""))
+
+
+VOCAB_KINDS = {"yuan": YuanTokenizer, "bert": BertTokenizer}

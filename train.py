@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, fields
@@ -31,6 +30,7 @@ from plan import PEAK_TFLOPS, lookup, plan
 from checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
 from run_dir import Console, Metrics, Score, prepare_out_dir
 from stopping import Stopping
+from tokenizer import copy_spec, save_copy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -291,7 +291,7 @@ def train(argv):
     saved = saved_vocab_size(out) if flags["resume"] and "vocab_size" not in overrides else None
     if saved and saved % cfg.tp == 0:  # resumed, perhaps at another tp: the checkpoint's padding stays
         cfg.vocab_size = saved
-    elif "vocab_size" not in overrides:
+    elif "vocab_size" not in overrides or cfg.vocab_size == 0:  # 0: from the data (model.Config)
         cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
     elif cfg.vocab_size < tokenizer["n_vocab"]:
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"
@@ -299,10 +299,7 @@ def train(argv):
     # Only now touch --out: a mistake above must not cost the earlier run.
     prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)
     if dist.rank == 0:
-        for suffix in (".tiktoken", ".json"):  # keep the tokenizer beside the checkpoints, for sample.py
-            src = os.path.join(opts["data"], "tokenizer" + suffix)
-            if os.path.exists(src) and not os.path.exists(os.path.join(out, "tokenizer" + suffix)):
-                shutil.copyfile(src, os.path.join(out, "tokenizer" + suffix))
+        save_copy(copy_spec(opts["data"], tokenizer), tokenizer, out)  # beside the checkpoints, for sample.py
 
     model, opt, reducer, clip_params = build(cfg, dist)
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
