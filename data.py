@@ -4,6 +4,7 @@
     python data.py prepare --input asc22/ --tokenizer tok/asc22.tiktoken --out data/asc22 [--workers 64]
     echo "话说天下大势" | python data.py encode --tokenizer tok/asc22.tiktoken | python data.py decode --tokenizer ...
     mpiexec -n 4 python data.py prepare ...      # several nodes share the files; the output is the same
+    python data.py prepare ... --tokenizer yuan:Yuan-1.0/src/vocab.txt --format megatron   # for Megatron-LM too
 
 Inputs are `.txt` files with one document per line (the ASC22 corpus writes in-document newlines as the literal
 `<n>`), `.jsonl` files with a "text" field, or either one gzipped; a directory stands for the corpus files in it.
@@ -14,6 +15,11 @@ This file holds the command line and the reader that training uses; the shard fo
     DIR/train_0000.bin, ...         a 64-byte header (shards.HEADER) followed by uint16 token ids,
     DIR/val_0000.bin, ...           each document followed by <|endoftext|>
     DIR/tokenizer.tiktoken (+.json) a copy of the tokenizer, so the directory alone can decode its tokens
+                                    (tokenizer.vocab.txt for yuan: and bert:)
+
+With --format megatron, shard k is instead the Megatron-LM datasets DIR/train_NNNN and DIR/val_NNNN (.bin + .idx,
+indexed.py). train.py --data takes a prepared directory of either format, or Megatron's own --data-path: a dataset
+PREFIX or a blend "W1 PREFIX1 W2 PREFIX2 ..." (class Batches).
 """
 import argparse
 import json
@@ -58,26 +64,36 @@ def permute(i, n, keys):
 
 
 class TokenShards:
-    """The shards of one split as a single grid of windows. Shard k holds (n_k - 1) // seq_len windows of
-    seq_len + 1 tokens (inputs and targets overlap by one token); window w of the split is window w - start[k] of
-    the shard k that contains it. Sampling windows uniformly therefore weights each shard by its size."""
+    """Token arrays (the shards of one split, or Megatron datasets) as a single grid of windows. Array k holds
+    (n_k - 1) // seq_len windows of seq_len + 1 tokens (inputs and targets overlap by one token); window w of the grid
+    is window w - start[k] of the array k that contains it. Sampling windows uniformly weights each array by its size.
+    n_vocab: check each window's ids against it (Megatron data carries no tokenizer to check at open)."""
 
-    def __init__(self, data_dir, records, seq_len, tokenizer):
-        self.seq_len = seq_len
-        self.maps, self.arrays = [], []
-        for name, count in records:
-            mm, arr = open_tokens(os.path.join(data_dir, name), tokenizer["n_vocab"], tokenizer["hash"], count)
-            self.maps.append(mm)
-            self.arrays.append(arr)
+    def __init__(self, parts, seq_len, n_vocab=None, name=""):
+        self.seq_len, self.n_vocab, self.name = seq_len, n_vocab, name
+        self.maps, self.arrays = [m for m, _ in parts], [a for _, a in parts]
         self.per_shard = np.array([max(0, (len(a) - 1) // seq_len) for a in self.arrays], dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(self.per_shard)])
-        self.n = int(self.start[-1])  # windows in the split
+        self.n = int(self.start[-1])  # windows in the grid
+        if n_vocab is not None:
+            for a in self.arrays:  # the first million ids at once; the rest as batches read them
+                self.check(a[:1_000_000])
+
+    def check(self, ids):
+        bad = (ids >= self.n_vocab) | (ids < 0)
+        if bad.any():
+            raise UserError(f"{self.name} holds token id {int(ids[bad][0]):,}, at or above the vocabulary's "
+                            f"{self.n_vocab:,} ids: it was prepared with another tokenizer.\nHINT: pass the "
+                            f"--tokenizer (vocab.txt) the data was prepared with.")
 
     def windows(self, ids):
-        """Stack windows `ids` (indices into the split's grid) into an int64 array [len(ids), seq_len + 1]."""
+        """Stack windows `ids` (indices into the grid) into an int64 array [len(ids), seq_len + 1]."""
         shard = np.searchsorted(self.start, ids, side="right") - 1
         offsets = (ids - self.start[shard]) * self.seq_len
-        return np.stack([self.arrays[k][o:o + self.seq_len + 1] for k, o in zip(shard, offsets)]).astype(np.int64)
+        w = np.stack([self.arrays[k][o:o + self.seq_len + 1] for k, o in zip(shard, offsets)]).astype(np.int64)
+        if self.n_vocab is not None:
+            self.check(w)
+        return w
 
     def release(self):
         """Drop the pages this process has touched from its resident set (they stay in the OS page cache). Without
@@ -87,14 +103,97 @@ class TokenShards:
                 mm.madvise(mmap.MADV_DONTNEED)
 
 
+class Blend:
+    """Grids drawn with fixed probabilities (Megatron's weighted --data-path). Position g of the endless training
+    stream belongs to one grid by a fixed schedule that repeats every PERIOD positions: grid i takes count_i =
+    weight_i * PERIOD of them (rounded), spread evenly (the k-th near (k + 1/2) / count_i of the period). Grid i's own
+    positions then run through its own permuted epochs. Everything is a function of g, as for a single grid."""
+
+    PERIOD = 1 << 16
+
+    def __init__(self, grids, weights, names):
+        self.grids = grids
+        if len(grids) == 1:
+            self.counts, self.owner, self.rank = np.array([1]), np.zeros(1, np.int64), np.zeros(1, np.int64)
+            self.weights = np.ones(1)
+            return
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        counts = np.floor(w * self.PERIOD).astype(np.int64)
+        counts[np.argsort(-(w * self.PERIOD - counts), kind="stable")[:self.PERIOD - counts.sum()]] += 1
+        if (counts == 0).any():
+            raise UserError(f"blend weight of {names[int(np.argmin(counts))]} is below 1/{self.PERIOD:,} of the "
+                            f"total: it would never be drawn.\nHINT: raise it, or leave that dataset out.")
+        times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
+        order = np.argsort(times, kind="stable")
+        self.owner = np.repeat(np.arange(len(grids)), counts)[order]
+        self.rank = np.concatenate([np.arange(c) for c in counts])[order]
+        self.counts, self.weights = counts, w
+
+    def locate(self, g):
+        """Positions g of the stream -> (grid of each, position in that grid's own stream of epochs)."""
+        period, r = np.divmod(g, len(self.owner))
+        grid = self.owner[r]
+        return grid, period * self.counts[grid] + self.rank[r]
+
+    def windows(self, grid, ids):
+        w = np.empty((len(ids), self.grids[0].seq_len + 1), dtype=np.int64)
+        for i in np.unique(grid):
+            w[grid == i] = self.grids[i].windows(ids[grid == i])
+        return w
+
+    def spread(self, n):
+        """n (grid, window) pairs spread evenly over the grids, in proportion to their weights: validation."""
+        counts = np.floor(self.weights * n).astype(np.int64)
+        counts[np.argsort(-(self.weights * n - counts), kind="stable")[:n - counts.sum()]] += 1
+        grid = np.repeat(np.arange(len(self.grids)), counts)
+        ids = np.concatenate([np.linspace(0, g.n - 1, c).astype(np.int64) for g, c in zip(self.grids, counts)])
+        return grid, ids
+
+    def release(self):
+        for g in self.grids:
+            g.release()
+
+
+def open_megatron(spec, seq_len, n_vocab, val_fraction=None):
+    """A Megatron prefix or blend (indexed.parse_blend) -> (train Blend, val Blend or None). With val_fraction,
+    the last ceil(fraction * sequences) sequences of each prefix are held out for validation."""
+    from indexed import open_indexed, parse_blend
+    blend = parse_blend(spec)
+    train, val = [], []
+    for _, prefix in blend:
+        mm, ids, sizes = open_indexed(prefix)
+        if val_fraction is None:
+            train.append((prefix, [(mm, ids)]))
+            continue
+        held = int(np.ceil(val_fraction * len(sizes)))
+        if not 0 < held < len(sizes):
+            raise UserError(f"{prefix} holds {len(sizes):,} sequences: too few to hold out a fraction {val_fraction} "
+                            f"of them for validation.\nHINT: give --val_data PREFIX, or more data.")
+        cut = int(sizes[:len(sizes) - held].sum(dtype=np.int64))
+        train.append((prefix, [(mm, ids[:cut])]))
+        val.append((prefix, [(None, ids[cut:])]))
+
+    def make(parts):
+        if blend[0][0] is None:  # no weights: one grid over all, by size (as the shards of a prepared directory)
+            return Blend([TokenShards([p for _, ps in parts for p in ps], seq_len, n_vocab, spec)], None, [spec])
+        return Blend([TokenShards(ps, seq_len, n_vocab, prefix) for prefix, ps in parts], [w for w, _ in blend],
+                     [prefix for prefix, _ in parts])
+    return make(train), make(val) if val else None
+
+
 class Batches:
-    """Training and validation batches from a prepared directory.
+    """Training and validation batches from a prepared directory, a Megatron dataset prefix, or a blend of them.
 
     Training reads the train split as epochs: epoch e is a pseudo-random permutation (seeded by seed, e) of all its
     windows, and the step's global batch takes the next step_windows of them. Data-parallel rank r, micro-batch m
     takes the slice (m * dp + r) of that global batch, so ranks never share a window, the global batch of a step
     does not depend on how it is split across ranks, and a resumed run reads exactly what the uninterrupted run
-    would have read: the position is a pure function of (seed, step).
+    would have read: the position is a pure function of (seed, step). A weighted blend (class Blend) first sends each
+    position to one dataset, whose own positions then run through its own epochs in the same way.
+
+    data: DIR (data.py prepare's output, either --format), or Megatron's --data-path: PREFIX, or "W1 PREFIX1 W2
+    PREFIX2 ...". A Megatron dataset does not record its tokenizer: `tokenizer` (a spec, e.g. yuan:vocab.txt) says
+    it. Its validation data is val_data (a prefix or blend), else the last val_fraction of each prefix's sequences.
 
     pin_memory: return x and y as contiguous tensors in page-locked (pinned) memory, so that the trainer's
     x.to(device, non_blocking=True) is an asynchronous copy that overlaps with the GPU's work (from ordinary memory
@@ -106,7 +205,31 @@ class Batches:
 
     RELEASE_EVERY = 32  # batches between TokenShards.release() calls
 
-    def __init__(self, data_dir, seq_len, micro_batch, seed, rank=0, dp=1, accum=1, pin_memory=False):
+    def __init__(self, data, seq_len, micro_batch, seed, rank=0, dp=1, accum=1, pin_memory=False, tokenizer=None,
+                 val_data=None, val_fraction=0.01):
+        self.seq_len, self.micro_batch, self.seed, self.rank, self.dp = seq_len, micro_batch, seed, rank, dp
+        self.step_windows = micro_batch * accum * dp
+        if os.path.isdir(data):
+            self._open_prepared(data, tokenizer, val_data)
+        else:
+            self._open_megatron(data, tokenizer, val_data, val_fraction)
+        for split, part in (("train", self.train), ("val", self.val)):
+            for g in part.grids:
+                if g.n == 0:
+                    raise UserError(f"the {split} data {g.name} holds no window of seq_len + 1 = {seq_len + 1:,} "
+                                    f"tokens (largest array: {max(len(a) for a in g.arrays):,} tokens).\n"
+                                    f"HINT: lower --seq_len, or prepare more text (or a larger validation share).")
+        self.calls = 0
+        self._keys = {}
+        self.pin_memory = pin_memory
+        if pin_memory:
+            import torch  # not at the top: see _batch
+            if not torch.cuda.is_available():
+                warnings.warn("Batches(pin_memory=True): torch sees no CUDA device, so there is no pinned memory; "
+                              "batches stay in ordinary memory.")
+                self.pin_memory = False
+
+    def _open_prepared(self, data_dir, spec, val_data):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"{meta_path} not found: {data_dir} is not a prepared data directory (or its prepare "
@@ -121,70 +244,119 @@ class Batches:
         if self.meta.get("format_version") != META_VERSION:
             raise UserError(f"{meta_path} has layout version {self.meta.get('format_version')}; this code reads "
                             f"{META_VERSION}.\nHINT: re-run data.py prepare into a fresh directory.")
-        self.tokenizer = self.meta["tokenizer"]
-        self.seq_len, self.micro_batch, self.seed, self.rank, self.dp = seq_len, micro_batch, seed, rank, dp
-        self.step_windows = micro_batch * accum * dp
-        shards = self.meta["shards"]
-        self.train, self.val = (TokenShards(data_dir, [(s[split], s[split + "_tokens"]) for s in shards], seq_len,
-                                            self.tokenizer) for split in ("train", "val"))
-        for split, part in (("train", self.train), ("val", self.val)):
-            if part.n == 0:
-                raise UserError(f"the {split} shards of {data_dir} hold no window of seq_len + 1 = {seq_len + 1:,} "
-                                f"tokens (largest shard: {max(len(a) for a in part.arrays):,} tokens).\n"
-                                f"HINT: lower --seq_len, or prepare more text (or a larger --val-fraction).")
-        self.calls = 0
-        self._keys = {}
-        self.pin_memory = pin_memory
-        if pin_memory:
-            import torch  # not at the top: see _batch
-            if not torch.cuda.is_available():
-                warnings.warn("Batches(pin_memory=True): torch sees no CUDA device, so there is no pinned memory; "
-                              "batches stay in ordinary memory.")
-                self.pin_memory = False
+        if val_data is not None:
+            raise UserError(f"--val_data is for Megatron datasets; {data_dir} has its own val split.")
+        self.tokenizer = tok = self.meta["tokenizer"]
+        if spec is not None:
+            from tokenizer import load_tokenizer
+            if load_tokenizer(spec)[1]["hash"] != tok["hash"]:
+                raise UserError(f"--tokenizer {spec} is not the tokenizer {data_dir} was prepared with "
+                                f"({tok['name']}).\nHINT: drop --tokenizer: the directory carries its own.")
+        from tokenizer import copy_spec
+        self.tokenizer_spec = copy_spec(data_dir, tok)
+        megatron = self.meta.get("format") == "megatron"
+        self.train, self.val = (Blend([self._grid(data_dir, split, megatron)], None, [data_dir])
+                                for split in ("train", "val"))
 
-    def _epoch_keys(self, epoch):
-        if epoch not in self._keys:
-            self._keys = {epoch: np.random.default_rng([self.seed, epoch]).integers(0, 2**63, 4, dtype=np.uint64)}
-        return self._keys[epoch]
+    def _grid(self, data_dir, split, megatron):
+        tok, parts = self.tokenizer, []
+        for s in self.meta["shards"]:
+            path = os.path.join(data_dir, s[split])
+            if megatron:
+                from indexed import open_indexed
+                mm, ids, _ = open_indexed(path)
+                if len(ids) != s[split + "_tokens"]:
+                    raise UserError(f"{path}.bin holds {len(ids):,} tokens but meta.json says "
+                                    f"{s[split + '_tokens']:,}: the file was replaced or cut.\nHINT: re-run "
+                                    f"data.py prepare into a fresh directory.")
+                parts.append((mm, ids))
+            else:
+                parts.append(open_tokens(path, tok["n_vocab"], tok["hash"], s[split + "_tokens"]))
+        return TokenShards(parts, self.seq_len, tok["n_vocab"] if megatron else None, f"{data_dir} ({split})")
 
-    def _batch(self, part, ids):
+    def _open_megatron(self, data, spec, val_data, val_fraction):
+        from indexed import parse_blend
+        if os.path.isfile(data):
+            stem = os.path.splitext(os.path.basename(data))[0]
+            raise UserError(f"--data {data} is a text file, not prepared data: train.py reads the tokens data.py "
+                            f"prepare makes from it.\nHINT: python data.py prepare --input {data} --tokenizer TOK "
+                            f"--out data/{stem}, then --data data/{stem}.")
+        for _, prefix in parse_blend(data):
+            if not os.path.isfile(prefix + ".idx"):
+                raise UserError(f"--data {data}: {prefix} is neither a prepared data directory (data.py prepare's "
+                                f"--out) nor a Megatron dataset ({prefix}.idx not found).\nHINT: python data.py "
+                                f"prepare --input FILES --tokenizer TOK --out DIR, then --data DIR; or give a "
+                                f"Megatron prefix (PATH without .bin / .idx).")
+        if spec is None:
+            raise UserError(f"--data {data!r} is not a prepared directory, so it is read as a Megatron dataset "
+                            f"(PREFIX.bin + PREFIX.idx, or a blend), and those do not record their tokenizer.\n"
+                            f"HINT: add --tokenizer yuan:PATH/vocab.txt (or bert:..., or the .tiktoken) that "
+                            f"prepared it.")
+        from tokenizer import load_tokenizer
+        self.tokenizer, self.tokenizer_spec, self.meta = load_tokenizer(spec)[1], spec, None
+        n_vocab = self.tokenizer["n_vocab"]
+        if val_data is None:
+            if not 0 < val_fraction < 1:
+                raise UserError(f"--val_fraction {val_fraction} must be between 0 and 1 (exclusive).")
+            self.train, self.val = open_megatron(data, self.seq_len, n_vocab, val_fraction)
+        else:
+            self.train = open_megatron(data, self.seq_len, n_vocab)[0]
+            self.val = open_megatron(val_data, self.seq_len, n_vocab)[0]
+
+    def _epoch_keys(self, grid, epoch):
+        key = (grid, epoch)
+        if key not in self._keys:
+            if len(self._keys) > 64:
+                self._keys = {}
+            seeds = [self.seed, epoch] if len(self.train.grids) == 1 else [self.seed, epoch, grid]
+            self._keys[key] = np.random.default_rng(seeds).integers(0, 2**63, 4, dtype=np.uint64)
+        return self._keys[key]
+
+    def _batch(self, part, grid, ids):
         self.calls += 1
         if self.calls % self.RELEASE_EVERY == 0:
             self.train.release()
             self.val.release()
         import torch  # here, not at the top: prepare's worker processes import this module and need no torch
-        w = torch.from_numpy(part.windows(ids))  # [B, T+1]
+        w = torch.from_numpy(part.windows(grid, ids))  # [B, T+1]
         x, y = w[:, :-1], w[:, 1:]  # inputs [B, T], targets [B, T]: views, not contiguous when B > 1
         if self.pin_memory:  # contiguous pinned copies (see the class docstring)
             x, y = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in (x, y))
         return x, y
 
     def train_ids(self, step, micro):
-        """Indices (into the train grid) of the windows of this rank's micro-batch `micro` at `step`."""
+        """(grid, window) of each window of this rank's micro-batch `micro` at `step`."""
         first = step * self.step_windows + (micro * self.dp + self.rank) * self.micro_batch
-        g = np.arange(first, first + self.micro_batch, dtype=np.int64)  # positions in the endless stream of epochs
-        epoch, pos = g // self.train.n, g % self.train.n
+        g = np.arange(first, first + self.micro_batch, dtype=np.int64)  # positions in the endless stream
+        grid, local = self.train.locate(g)
         ids = np.empty_like(g)
-        for e in np.unique(epoch):  # a micro-batch can straddle two epochs
-            ids[epoch == e] = permute(pos[epoch == e], self.train.n, self._epoch_keys(int(e)))
-        return ids
+        for i in np.unique(grid):
+            n = self.train.grids[i].n
+            mine = grid == i
+            epoch, pos = local[mine] // n, local[mine] % n
+            out = np.empty_like(pos)
+            for e in np.unique(epoch):  # a micro-batch can straddle two epochs
+                out[epoch == e] = permute(pos[epoch == e], n, self._epoch_keys(int(i), int(e)))
+            ids[mine] = out
+        return grid, ids
 
     def train_batch(self, step, micro):
-        return self._batch(self.train, self.train_ids(step, micro))
+        return self._batch(self.train, *self.train_ids(step, micro))
 
     def val_batches(self, n):
         """n fixed micro-batches spread evenly over the val windows (the same ones at every evaluation)."""
-        ids = np.linspace(0, self.val.n - 1, n * self.micro_batch).astype(np.int64)
+        grid, ids = self.val.spread(n * self.micro_batch)
         for i in range(n):
-            yield self._batch(self.val, ids[i * self.micro_batch:(i + 1) * self.micro_batch])
+            part = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            yield self._batch(self.val, grid[part], ids[part])
 
     def unigram_entropy(self, max_tokens=10_000_000):
-        """Entropy (nats/token) of the token frequencies in the first max_tokens of the train shards: the loss of the
+        """Entropy (nats/token) of the token frequencies in the first max_tokens of the train data: the loss of the
         best model that ignores context. A trained model's val loss should end far below it."""
         counts = np.zeros(self.tokenizer["n_vocab"], dtype=np.int64)
         left = max_tokens
-        for arr in self.train.arrays:
-            counts += np.bincount(arr[:left], minlength=len(counts))
+        for arr in (a for g in self.train.grids for a in g.arrays):
+            counts += np.bincount(arr[:left], minlength=len(counts))[:len(counts)]
             left -= min(left, len(arr))
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
@@ -213,11 +385,16 @@ def main(argv=None):
                    help="train on at most this much input, read in evenly spaced blocks (default 1024)")
     r = sub.add_parser("prepare", help="tokenize a corpus into DIR/train_NNNN.bin, DIR/val_NNNN.bin, DIR/meta.json")
     r.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl (or .gz) files, or directories of them")
-    r.add_argument("--tokenizer", required=True, help="a .tiktoken file from train-tokenizer, or gpt2 / p50k_base")
+    r.add_argument("--tokenizer", required=True, help="a .tiktoken file from train-tokenizer, "
+                   "yuan:PATH/vocab.txt (Yuan 1.0's tokenizer), bert:PATH/vocab.txt (Megatron's BertWordPiece"
+                   "LowerCase), or gpt2 / p50k_base")
     r.add_argument("--out", required=True, help="output directory (an unfinished one of the same command resumes)")
     r.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
     r.add_argument("--shard-mb", type=float, default=4096, help="input MB per shard (default 4096)")
     r.add_argument("--piece-mb", type=float, default=32, help="input MB per unit of work of a worker (default 32)")
+    r.add_argument("--format", choices=("nanoyuan", "megatron"), default="nanoyuan",
+                   help="nanoyuan shards (default), or Megatron-LM indexed datasets: DIR/train_NNNN.bin + .idx, one "
+                        "sequence per document ending in the end-of-document token; train.py reads either")
     r.add_argument("--workers", type=int, default=0, help="tokenizing processes per rank (default: cores / ranks "
                                                           "on this node)")
     for name, what in (("encode", "print the token ids of each line of stdin (space-separated, no end-of-document "
@@ -239,7 +416,7 @@ def main(argv=None):
         run_or_abort(lambda: prepare.prepare(args.input, args.tokenizer, args.out, args.val_fraction,
                                              min_chars=args.min_chars, max_chars=args.max_chars,
                                              shard_mb=args.shard_mb, piece_mb=args.piece_mb,
-                                             workers=args.workers))
+                                             workers=args.workers, fmt=args.format))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import zlib
 
 import numpy as np
 
+from indexed import IndexedWriter, best_dtype, read_index
 from shards import META_VERSION, TokenWriter, read_header
 from errors import UserError
 from tokenizer import check_vocab_and_out, load_tokenizer, save_copy, train_tokenizer
@@ -244,17 +245,18 @@ def tokenize_piece(task):
     enc = _encoder(spec)
     eot = np.array([enc.eot_token], dtype=np.uint32)
     threshold = int(val_fraction * 2**64)
-    stats, ids = collections.Counter(), {"train": [], "val": []}
+    stats, ids, lengths = collections.Counter(), {"train": [], "val": []}, {"train": [], "val": []}
     for text in read_documents(path, clean, stats, start, end):
         split = "val" if int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") < \
             threshold else "train"
         # the same ids as encode_ordinary (special-token text is plain text), as an array rather than a list of ints
         ids[split] += [enc.encode_to_numpy(text, disallowed_special=()), eot]
+        lengths[split].append(len(ids[split][-2]) + 1)  # a document and its end token: one Megatron sequence
     stats["val_docs"] = len(ids["val"]) // 2
     stats[f"docs_in_{file_index}"] = stats["kept"] + stats["short"] + stats["long"]
     out = {s: np.concatenate(a).astype(np.uint16) if a else np.zeros(0, np.uint16) for s, a in ids.items()}
     stats["train_tokens"], stats["val_tokens"] = len(out["train"]), len(out["val"])
-    return out, stats
+    return out, {s: np.array(a, dtype=np.int64) for s, a in lengths.items()}, stats
 
 
 def _in_order(pool, fn, tasks, window):
@@ -294,7 +296,10 @@ def make_shards(files, piece_bytes, shard_bytes):
     return shards + [run] if run else shards
 
 
-def shard_names(k):
+def shard_names(k, fmt="nanoyuan"):
+    """Shard k's train and val files (Megatron: the dataset prefixes, PREFIX.bin + PREFIX.idx) and its record."""
+    if fmt == "megatron":
+        return f"train_{k:04d}", f"val_{k:04d}", f"shard_{k:04d}.json"
     return f"train_{k:04d}.bin", f"val_{k:04d}.bin", f"shard_{k:04d}.json"
 
 
@@ -335,45 +340,57 @@ def start_or_resume(out, plan):
     os.replace(plan_path + ".tmp", plan_path)
 
 
-def finished_shard(out, k, tok):
+def finished_shard(out, k, tok, fmt):
     """The record of shard k if it is complete and its files check out, else None (it will be redone)."""
-    train, val, rec = (os.path.join(out, n) for n in shard_names(k))
+    train, val, rec = (os.path.join(out, n) for n in shard_names(k, fmt))
     if not os.path.exists(rec):
         return None
     try:
         with open(rec) as f:
             record = json.load(f)
-        read_header(train, tok["n_vocab"], tok["hash"], record["stats"]["train_tokens"])
-        read_header(val, tok["n_vocab"], tok["hash"], record["stats"]["val_tokens"])
+        for path, split in ((train, "train"), (val, "val")):
+            if fmt == "megatron":
+                if int(read_index(path)[1].sum(dtype=np.int64)) != record["stats"][split + "_tokens"]:
+                    return None
+            else:
+                read_header(path, tok["n_vocab"], tok["hash"], record["stats"][split + "_tokens"])
         return record
     except (UserError, ValueError, KeyError):
         return None
 
 
-def write_shards(out, shards, todo, tok, how, workers, progress):
+def write_shards(out, shards, todo, tok, how, workers, progress, fmt="nanoyuan"):
     """Tokenize the pieces of shards `todo` on `workers` processes (`how` = tokenizer spec, Clean, val fraction);
-    write each shard in piece order. Yields each finished shard's record."""
+    write each shard in piece order, in format `fmt`. Yields each finished shard's record."""
     pieces = [(k, i) for k in todo for i in range(len(shards[k]))]
     ctx = multiprocessing.get_context("spawn")  # no fork: this process may hold MPI and thread state
     pool = ctx.Pool(workers) if workers > 1 else None
     try:
         writers, stats = None, None
         tasks = ((shards[k][i], *how) for k, i in pieces)
-        for (k, i), (ids, st) in zip(pieces, _in_order(pool, tokenize_piece, tasks, 2 * workers)):
+        for (k, i), (ids, lengths, st) in zip(pieces, _in_order(pool, tokenize_piece, tasks, 2 * workers)):
             if i == 0:
-                train, val, _ = (os.path.join(out, n) for n in shard_names(k))
-                writers = {"train": TokenWriter(train, tok["n_vocab"], tok["hash"]),
-                           "val": TokenWriter(val, tok["n_vocab"], tok["hash"])}
+                paths = dict(zip(("train", "val"), (os.path.join(out, n) for n in shard_names(k, fmt))))
+                if fmt == "megatron":
+                    for stale in (p + e for p in paths.values() for e in (".bin", ".idx")):
+                        if os.path.exists(stale):  # an unfinished shard of this same job (plan.json): redone
+                            os.remove(stale)
+                    writers = {s: IndexedWriter(p, best_dtype(tok["n_vocab"])) for s, p in paths.items()}
+                else:
+                    writers = {s: TokenWriter(p, tok["n_vocab"], tok["hash"]) for s, p in paths.items()}
                 stats = collections.Counter()
             for split, w in writers.items():
-                w.write(ids[split])
+                if fmt == "megatron":
+                    w.add_documents(ids[split], lengths[split])
+                else:
+                    w.write(ids[split])
             stats.update(st)
             progress(shards[k][i], st)
             if i == len(shards[k]) - 1:
                 for w in writers.values():
                     w.close()
                 record = {"shard": k, "stats": dict(stats)}
-                rec = os.path.join(out, shard_names(k)[2])
+                rec = os.path.join(out, shard_names(k, fmt)[2])
                 with open(rec + ".tmp", "w") as f:
                     json.dump(record, f)
                 os.replace(rec + ".tmp", rec)  # the commit point of shard k
@@ -400,9 +417,9 @@ def _mpi():
 
 
 def prepare(inputs, tokenizer, out, val_fraction=0.05, min_chars=10, max_chars=20_000, shard_mb=4096.0,
-            piece_mb=32.0, workers=0):
-    """Tokenize the corpus `inputs` into out/ (see the module docstring). Returns meta (on rank 0; None on the
-    others)."""
+            piece_mb=32.0, workers=0, fmt="nanoyuan"):
+    """Tokenize the corpus `inputs` into out/ (see the module docstring) in format `fmt`: "nanoyuan" shards or
+    "megatron" indexed datasets (indexed.py). Returns meta (on rank 0; None on the others)."""
     t0 = time.time()
     enc, tok = load_tokenizer(tokenizer)
     files, clean = list_inputs(inputs), Clean(min_chars, max_chars)
@@ -418,7 +435,7 @@ def prepare(inputs, tokenizer, out, val_fraction=0.05, min_chars=10, max_chars=2
               f"--workers.", file=sys.stderr)
     workers = workers or max(1, cores // local_world)
     settings = dict(val_fraction=val_fraction, min_chars=min_chars, max_chars=max_chars, shard_mb=shard_mb,
-                    piece_mb=piece_mb)
+                    piece_mb=piece_mb, format=fmt)
     plan = dict(inputs=[dict(path=os.path.abspath(f), bytes=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns)
                         for f in files], tokenizer=tok, settings=settings)
     shards = make_shards(files, int(piece_mb * 1e6), int(shard_mb * 1e6))
@@ -429,14 +446,14 @@ def prepare(inputs, tokenizer, out, val_fraction=0.05, min_chars=10, max_chars=2
     if comm is not None:
         comm.Barrier()
     mine = [k for k in range(len(shards)) if k % world == rank]
-    records = {k: r for k in mine if (r := finished_shard(out, k, tok)) is not None}
+    records = {k: r for k in mine if (r := finished_shard(out, k, tok, fmt)) is not None}
     todo = [k for k in mine if k not in records]
     if records:
         print(f"rank {rank}: resuming; {len(records)} of its {len(mine)} shards are already done", flush=True)
     workers = max(1, min(workers, sum(len(shards[k]) for k in todo)))
     total_mb = sum(p[3] - p[2] for k in todo for p in shards[k]) / 1e6
     progress = Progress(total_mb, rank, world, workers)
-    for record in write_shards(out, shards, todo, tok, (tokenizer, clean, val_fraction), workers, progress):
+    for record in write_shards(out, shards, todo, tok, (tokenizer, clean, val_fraction), workers, progress, fmt):
         records[record["shard"]] = record
     progress.close()
     gathered = comm.gather(records, root=0) if comm is not None else [records]
@@ -493,18 +510,21 @@ def finish(out, files, inputs, tokenizer, tok, settings, records, seconds, worke
                   f"{settings['val_fraction']}); train.py needs both.\nHINT: add documents or change "
                   f"--val-fraction (in a fresh --out).", file=sys.stderr)
     save_copy(tokenizer, tok, out)  # so that the data directory alone can decode its tokens
-    shards = [dict(train=shard_names(r["shard"])[0], train_tokens=r["stats"]["train_tokens"],
-                   val=shard_names(r["shard"])[1], val_tokens=r["stats"]["val_tokens"]) for r in records]
-    meta = dict(format_version=META_VERSION, tokenizer=tok, tokenizer_spec=tokenizer, sources=files,
+    fmt = settings["format"]
+    names = [shard_names(r["shard"], fmt) for r in records]
+    shards = [dict(train=n[0], train_tokens=r["stats"]["train_tokens"], val=n[1], val_tokens=r["stats"]["val_tokens"])
+              for n, r in zip(names, records)]
+    meta = dict(format_version=META_VERSION, format=fmt, tokenizer=tok, tokenizer_spec=tokenizer, sources=files,
                 settings=settings, stats={k: stats[k] for k in TEXT_KEYS}, empty_files=empty,
                 tokens=dict(train=stats["train_tokens"], val=stats["val_tokens"]), shards=shards)
     with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
     for k in range(len(records)):
-        os.remove(os.path.join(out, shard_names(k)[2]))
+        os.remove(os.path.join(out, names[k][2]))
     os.remove(os.path.join(out, "plan.json"))
     mb = sum(os.path.getsize(f) for f in files) / 1e6
+    ext = ".bin" if fmt == "nanoyuan" else " (.bin + .idx)"
     too_long = f"longer than {settings['max_chars']:,} characters" if settings["max_chars"] else "too long (no limit)"
     tokens = stats["train_tokens"] + stats["val_tokens"]
     print(f"prepared {len(records)} shard{'s' * (len(records) > 1)} from {len(files)} file"
@@ -517,5 +537,9 @@ def finish(out, files, inputs, tokenizer, tok, settings, records, seconds, worke
           f"({(tokens - stats['kept']) / stats['chars']:.3f} tokens per character, end-of-document tokens aside)\n"
           f"  non-UTF-8 bytes replaced: {stats['bad_bytes']:,}" + (f"; files with no documents: {', '.join(empty)}"
                                                                   if empty else "") +
-          f"\n  -> {out}/train_*.bin, val_*.bin, meta.json", flush=True)
+          f"\n  -> {out}/train_*{ext}, val_*{ext}, meta.json", flush=True)
+    if fmt == "megatron":  # the same tokens for Megatron-LM: a blend weighted as nanoyuan samples them (by size)
+        total = max(1, stats["train_tokens"])
+        print("  Megatron-LM: --data-path " + " ".join(f"{s['train_tokens'] / total:.6g} {os.path.join(out, s['train'])}"
+                                                      for s in shards if s["train_tokens"]), flush=True)
     return meta

@@ -30,7 +30,7 @@ from plan import PEAK_TFLOPS, lookup, plan
 from checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
 from run_dir import Console, Metrics, Score, prepare_out_dir
 from stopping import Stopping
-from tokenizer import copy_spec, save_copy
+from tokenizer import save_copy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,7 +41,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def usage():
     """The module docstring, then every Config field with its type, default and the comment beside it in model.py."""
-    lines = [__doc__, "  --preset NAME      " + " | ".join(PRESETS), "  --data DIR         output of data.py prepare",
+    lines = [__doc__, "  --preset NAME      " + " | ".join(PRESETS), "  --data DIR         output of data.py prepare,"
+             " or a Megatron dataset:", "                     PREFIX (PREFIX.bin + .idx) or a blend \"W1 PREFIX1 W2 "
+             "PREFIX2 ...\"", "  --tokenizer SPEC   for a Megatron dataset: yuan:vocab.txt, bert:vocab.txt or a "
+             ".tiktoken", "  --val_data PREFIX  its validation data (else --val_fraction F of its sequences, "
+             "default 0.01)",
              "  --out DIR          checkpoints, metrics.jsonl, config.json", "  --resume           continue from the "
              "newest checkpoint in --out", "  --overwrite        delete the run in --out and start again",
              "  --plan             print memory and time per GPU (plan.py) and exit; with --json as JSON;",
@@ -78,7 +82,7 @@ def parse_args(argv):
         print(usage())
         sys.exit(0)
     opts = {"preset": None, "data": None, "out": None, "gpus": None, "gpu": None, "gpu_mem": None, "mfu": None,
-            "tokens": None}
+            "tokens": None, "tokenizer": None, "val_data": None, "val_fraction": None}
     flags = {"resume": False, "overwrite": False, "plan": False, "json": False}
     overrides, types = {}, FIELD_TYPES
     i = 0
@@ -266,6 +270,14 @@ def plan_from_args(opts, flags, overrides):
                 gpu_mem=mem, mfu=mfu, tokens=tokens or 1e9, as_json=flags["json"])
 
 
+def absolute(data):
+    """--data / --val_data with its paths made absolute, for config.json (a Megatron blend keeps its weights)."""
+    if data is None or os.path.isdir(data):
+        return data and os.path.abspath(data)
+    from indexed import parse_blend
+    return " ".join(("" if w is None else f"{w:g} ") + os.path.abspath(p) for w, p in parse_blend(data))
+
+
 def train(argv):
     opts, flags, overrides = parse_args(argv)
     if flags["plan"]:
@@ -285,8 +297,13 @@ def train(argv):
                         f"--batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
     grad_accum = cfg.batch_tokens // tokens_per_micro
+    try:
+        val_fraction = float(opts["val_fraction"] or 0.01)
+    except ValueError:
+        raise UserError(f"--val_fraction takes a number, got {opts['val_fraction']!r}.") from None
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
-                   accum=grad_accum, pin_memory=device.type == "cuda")  # pinned: train_step's copies overlap
+                   accum=grad_accum, pin_memory=device.type == "cuda",  # pinned: train_step's copies overlap
+                   tokenizer=opts["tokenizer"], val_data=opts["val_data"], val_fraction=val_fraction)
     tokenizer = data.tokenizer
     saved = saved_vocab_size(out) if flags["resume"] and "vocab_size" not in overrides else None
     if saved and saved % cfg.tp == 0:  # resumed, perhaps at another tp: the checkpoint's padding stays
@@ -299,7 +316,7 @@ def train(argv):
     # Only now touch --out: a mistake above must not cost the earlier run.
     prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)
     if dist.rank == 0:
-        save_copy(copy_spec(opts["data"], tokenizer), tokenizer, out)  # beside the checkpoints, for sample.py
+        save_copy(data.tokenizer_spec, tokenizer, out)  # beside the checkpoints, for sample.py
 
     model, opt, reducer, clip_params = build(cfg, dist)
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
@@ -310,7 +327,8 @@ def train(argv):
     score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
     if step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"preset": opts["preset"], **asdict(cfg), "data": os.path.abspath(opts["data"])}, f, indent=1)
+            json.dump({"preset": opts["preset"], **asdict(cfg), "data": absolute(opts["data"]),
+                       "val_data": absolute(opts["val_data"]), "tokenizer": data.tokenizer_spec}, f, indent=1)
 
     n_params = sum(p.numel() for p in model.parameters())
     peak, flops = peak_flops(cfg, device), flops_per_token(cfg)

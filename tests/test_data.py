@@ -46,7 +46,7 @@ def test_permute_is_a_permutation(n):
 
 def test_windows_cover_shards_in_order(tmp_path):
     d = synthetic(str(tmp_path / "d"), [101, 50, 33])
-    part = TokenShards(d, [(f"train_{k:04d}.bin", n) for k, n in enumerate([101, 50, 33])], 16, TOK)
+    part = TokenShards([open_tokens(os.path.join(d, f"train_{k:04d}.bin")) for k in range(3)], 16)
     assert part.per_shard.tolist() == [6, 3, 2] and part.n == 11  # (n - 1) // 16 windows per shard
     arrays = [open_tokens(os.path.join(d, f"train_{k:04d}.bin"))[1] for k in range(3)]
     w = part.windows(np.arange(11))
@@ -63,14 +63,14 @@ def test_epoch_reads_every_window_once_and_ranks_are_disjoint(tmp_path):
     ranks = [Batches(d, seq_len=16, micro_batch=2, seed=3, rank=r, dp=4) for r in range(4)]
     seen = []
     for step in range(10):
-        per_rank = [set(b.train_ids(step, 0).tolist()) for b in ranks]
+        per_rank = [set(b.train_ids(step, 0)[1].tolist()) for b in ranks]
         assert sum(map(len, per_rank)) == 8 and len(set.union(*per_rank)) == 8  # disjoint across ranks
-        glob = [i for m in range(4) for i in one.train_ids(step, m).tolist()]
+        glob = [i for m in range(4) for i in one.train_ids(step, m)[1].tolist()]
         assert set(glob) == set.union(*per_rank)
         seen += glob
     assert sorted(seen) == list(range(80))
     # The next epoch is another order of the same windows.
-    nxt = [i for s in range(10, 20) for m in range(4) for i in one.train_ids(s, m).tolist()]
+    nxt = [i for s in range(10, 20) for m in range(4) for i in one.train_ids(s, m)[1].tolist()]
     assert sorted(nxt) == list(range(80)) and nxt != seen
 
 
@@ -94,7 +94,7 @@ def test_shards_weighted_by_size(tmp_path):
     """Windows are uniform over the grid, so a shard 3x larger is read 3x as often."""
     d = synthetic(str(tmp_path / "d"), [16 * 3000 + 1, 16 * 1000 + 1])
     b = Batches(d, seq_len=16, micro_batch=100, seed=0)
-    ids = np.concatenate([b.train_ids(s, 0) for s in range(20)])  # 2,000 of the 4,000 windows
+    ids = np.concatenate([b.train_ids(s, 0)[1] for s in range(20)])  # 2,000 of the 4,000 windows
     share = (ids < 3000).mean()
     assert 0.70 < share < 0.80
 
@@ -112,7 +112,7 @@ def test_memory_stays_flat(tmp_path, monkeypatch):
     b.train_batch(0, 0)  # imports torch, whose libraries are file pages too
     b.train.release()
     before = rss_file_mb()
-    b.train.windows(np.arange(0, b.train.n, 2))  # every other window: all 100 MB
+    b.train.grids[0].windows(np.arange(0, b.train.grids[0].n, 2))  # every other window: all 100 MB
     assert rss_file_mb() - before > 60, "reading did not map the pages; the test measures nothing"
     b.train.release()
     assert rss_file_mb() - before < 10
@@ -125,7 +125,7 @@ def test_memory_stays_flat(tmp_path, monkeypatch):
 
 def test_shorter_than_window(tmp_path):
     d = synthetic(str(tmp_path / "d"), [100, 100])
-    with pytest.raises(UserError, match="hold no window"):
+    with pytest.raises(UserError, match="holds no window"):
         Batches(d, seq_len=1000, micro_batch=2, seed=0)
 
 
