@@ -66,7 +66,7 @@ def sample(args):
         print("---\n" + enc.decode(prompt + row if args.prompt_file is None else row, errors="replace"))
     steps = out.size(1) - len(prompt)
     print(f"# {steps} steps x {args.num_samples} samples in {seconds:.2f} s: {steps * args.num_samples / seconds:,.1f} "
-          f"tokens/s ({new} before <|endoftext|>), {'no cache' if args.no_cache else 'KV cache'}",
+          f"tokens/s ({new} before the end-of-document token), {'no cache' if args.no_cache else 'KV cache'}",
           file=sys.stderr, flush=True)
 
 
