@@ -28,6 +28,9 @@ import os
 import sys
 import warnings
 
+from errors import require
+
+require("numpy")  # a clear hint when run outside .venv
 import numpy as np
 
 from errors import UserError

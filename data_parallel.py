@@ -1,7 +1,7 @@
 """Data parallelism by hand: the gradient norm across all ranks, the bucketed gradient all-reduce, and ZeRO-1.
 
-parallel.py starts the processes and splits the layers (tensor parallelism); this file keeps the data-parallel
-replicas of those layers in step. Tested under mpiexec against one process (tests/test_parallel_train.py).
+distributed.py starts the processes, parallel.py splits the layers (tensor parallelism); this file keeps the
+data-parallel replicas of those layers in step. Tested under mpiexec against one process (tests/test_parallel_train.py).
 """
 import math
 

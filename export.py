@@ -22,6 +22,9 @@ import os
 import shutil
 import sys
 
+from errors import require
+
+require("torch")  # a clear hint when run outside .venv
 import torch
 
 from checkpoint import config_of, consolidated, run_tokenizer

@@ -5,7 +5,7 @@ autocast). Each parameter p carries two fp32 tensors:
     p.master     the weight the optimizer updates (data_parallel.MasterAdamW, or ZeroAdamW's flat buffers); after
                  each step it is copied into p, the working copy, rounded to bf16
     p.main_grad  where the gradients of all micro-batches of a step are summed, in fp32. The tensor-parallel
-                 matmuls (parallel.ParallelMatmul) add their weight gradient into it themselves (Megatron's
+                 matmuls (parallel.ParallelMatmul, under --overlap) add their weight gradient into it themselves (Megatron's
                  "gradient accumulation fusion": on CUDA one GEMM with an fp32 output and beta = 1); every other
                  parameter's bf16 gradient is added by a hook as soon as autograd has produced it, and freed
 What it saves, per matmul weight and micro-batch (bytes moved through memory; bench/roofline.py measures the step):

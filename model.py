@@ -64,6 +64,7 @@ class Config:
     iface: str = ""  # network interface between hosts (ib0, eth1); empty: the one that reaches rank 0 (rendezvous.py)
     tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
     sequence_parallel: bool = False  # with tp > 1: LayerNorm/dropout activations split over the tp group along T
+    overlap: bool = True  # tp matmuls as one step: f's backward collective overlapped, wgrad into main_grad
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
     # --- memory (plan.py estimates what each costs and saves) ---
     recompute: str = "none"  # activation recomputation: none | selective (core attention) | full (every block)
@@ -194,8 +195,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // cfg.tp, cfg.head_dim, cfg.dropout, dist
         self.recompute, sp = cfg.recompute == "selective", cfg.sp
-        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist, sp)  # fused Q, K, V of this rank's heads
-        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist, sp)  # output projection, partial sums reduced
+        # fused Q, K, V of this rank's heads; the output projection, its partial sums reduced
+        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist, sp, cfg.overlap)
+        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist, sp, cfg.overlap)
         self.resid_drop = Dropout(cfg.dropout, dist, sp)
 
     def core(self, qkv):
@@ -236,8 +238,8 @@ class MLP(nn.Module):
     def __init__(self, cfg, dist):
         super().__init__()
         sp = cfg.sp
-        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist, sp)  # up
-        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist, sp)  # down
+        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist, sp, cfg.overlap)  # up
+        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist, sp, cfg.overlap)  # down
         self.drop = Dropout(cfg.dropout, dist, sp)
 
     def forward(self, x):  # [B, T, C] -> [B, T, F/tp] -> [B, T, C]  (sequence parallel: T/tp outside)
@@ -314,7 +316,7 @@ class Yuan(nn.Module):
             else:
                 x = checkpoint(block, self.dist, x) if self.cfg.recompute == "full" and self.training else block(x)
         x = self.ln_f(x)
-        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp)  # tied head: [B, T, V/tp]
+        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp, self.cfg.overlap)  # tied head: [B, T, V/tp]
         if targets is None:
             return logits, None
         loss = vocab_parallel_cross_entropy(logits.view(B * T, -1), targets.reshape(-1), self.dist, self.wte.start)

@@ -28,8 +28,9 @@ from mixed_precision import accumulate_wgrad, grad_of
 #   f, sequence par. all-gather along T    reduce-scatter        [B, T/tp, C] enters a column-parallel matmul
 #   g, sequence par. reduce-scatter on T   all-gather along T    partial sums [B, T, C] leave as [B, T/tp, C]
 #
-# Both forms of f run fused with the column-parallel matmul (ParallelMatmul below), so that backward can
-# overlap their collective with the weight gradient; CopyToTP is f alone, as the reference the tests compare with.
+# ColumnParallelLinear.forward reads f, then the local matmul; RowParallelLinear.forward the local matmul, then g.
+# With --overlap (the default) both take one named step instead, ParallelMatmul below: the same arithmetic, with f's
+# backward collective overlapped with the weight gradient and that gradient added straight into main_grad.
 
 
 class Pending:
@@ -147,6 +148,21 @@ class ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+class GatherFromSequence(torch.autograd.Function):
+    """f under sequence parallelism: forward all-gather along T, backward reduce-scatter. Each rank holds T/tp
+    tokens and the column-parallel matmul needs all T; each rank's gradient for all T is partial, so backward sums
+    them and each rank keeps its own tokens' share."""
+
+    @staticmethod
+    def forward(ctx, x, dist):
+        ctx.dist = dist
+        return all_gather_seq(x, dist)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_seq(grad.contiguous(), ctx.dist), None
+
+
 class ReduceScatterToSequence(torch.autograd.Function):
     """g under sequence parallelism: forward reduce-scatter along T, backward all-gather. The partial sums are
     summed, as g does, but each rank keeps only its T/tp tokens; every token's gradient is needed by every rank's
@@ -162,10 +178,12 @@ class ReduceScatterToSequence(torch.autograd.Function):
         return all_gather_seq(grad, ctx.dist), None
 
 
-def f(x, dist):
-    """The textbook f. The layers run it fused with their matmul (ParallelMatmul, which also holds the
-    sequence-parallel form); tests/mpi_tp_layers.py checks the fused form against this one."""
-    return CopyToTP.apply(x, dist) if dist.tp > 1 else x
+def f(x, dist, sequence_parallel=False):
+    """Where a replicated activation ([B, T, C]; under sequence parallelism this rank's [B, T/tp, C]) enters a
+    column-parallel matmul: -> [B, T, C] on every rank."""
+    if dist.tp == 1:
+        return x
+    return GatherFromSequence.apply(x, dist) if sequence_parallel else CopyToTP.apply(x, dist)
 
 
 def g(x, dist, sequence_parallel=False):
@@ -175,8 +193,9 @@ def g(x, dist, sequence_parallel=False):
 
 
 class ParallelMatmul(torch.autograd.Function):
-    """F.linear(x, weight, bias) as one autograd function, with what tensor parallelism and mixed precision need
-    around it:
+    """The --overlap step: F.linear(x, weight, bias) as one autograd function, with what tensor parallelism and
+    mixed precision need around it (the same arithmetic as the plain path, f then F.linear; --overlap false takes
+    that path, and tests/mpi_tp_layers.py compares the two):
       column=True   f before the matmul, fused with it, so that backward can overlap communication with
                     computation (Megatron-LM's asynchronous tensor-parallel all-reduce): the input gradient is
                     computed first and its all-reduce (reduce-scatter, with sequence parallelism) travels while the
@@ -226,18 +245,18 @@ class ParallelMatmul(torch.autograd.Function):
         return grad_x.to(x_dtype), grad_w, grad_b, None, None, None
 
 
-def column_parallel_matmul(x, weight, bias, dist, sequence_parallel=False):
-    """[B, T, C] replicated (or [B, T/tp, C] under sequence parallelism) -> [B, T, out/tp]."""
-    if dist.tp == 1 and not hasattr(weight, "main_grad"):
-        return F.linear(x, weight, bias)
-    return ParallelMatmul.apply(x, weight, bias, dist, True, sequence_parallel)
+def overlap_helps(weight, dist, column):
+    """Whether the --overlap step has anything to do here: a collective to overlap (a column-parallel matmul at
+    tp > 1) or a main_grad to accumulate into (master weights); otherwise it would be F.linear with extra steps."""
+    return (column and dist.tp > 1) or hasattr(weight, "main_grad")
 
 
-def row_parallel_matmul(x, weight, dist):
-    """[B, T, in/tp] -> partial sums [B, T, out] (g sums them); no communication in the matmul itself."""
-    if not hasattr(weight, "main_grad"):
-        return F.linear(x, weight)
-    return ParallelMatmul.apply(x, weight, None, dist, False, False)
+def column_parallel_matmul(x, weight, bias, dist, sequence_parallel=False, overlap=True):
+    """f, then the local matmul: [B, T, C] replicated (or [B, T/tp, C] under sequence parallelism) -> [B, T, out/tp].
+    ColumnParallelLinear and the tied LM head (model.py) both run it."""
+    if overlap and overlap_helps(weight, dist, column=True):
+        return ParallelMatmul.apply(x, weight, bias, dist, True, sequence_parallel)  # the same, overlapped
+    return F.linear(f(x, dist, sequence_parallel), weight, bias)
 
 
 def sync_sequence_parallel_grads(params, dist):
@@ -274,13 +293,13 @@ def _sharded(shape, dim, dist):
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: A = [A_1 ... A_tp]; rank r computes Y_r = f(X) A_r + b_r.
     Input [B, T, C] replicated (sequence parallel: [B, T/tp, C]) -> output [B, T, out/tp], sharded (fed to a
-    RowParallelLinear, never gathered). f and the matmul run as one function: see ParallelMatmul."""
+    RowParallelLinear, never gathered). overlap: run f and the matmul as ParallelMatmul, the same arithmetic."""
 
-    def __init__(self, in_features, out_features, dist, sequence_parallel=False):
+    def __init__(self, in_features, out_features, dist, sequence_parallel=False, overlap=True):
         super().__init__()
         if out_features % dist.tp:
             raise UserError(f"output size {out_features} is not divisible by tensor-parallel size {dist.tp}.")
-        self.dist, self.sp = dist, sequence_parallel
+        self.dist, self.sp, self.overlap = dist, sequence_parallel, overlap
         self.weight = _sharded((out_features, in_features), 0, dist)  # torch's [out, in] layout: split rows
         self.weight.fuse_wgrad = True  # under master weights its gradient goes straight into main_grad
         self.bias = _sharded((out_features,), 0, dist)
@@ -292,8 +311,11 @@ class ColumnParallelLinear(nn.Module):
             self.weight.copy_(shard(full, self.dist, 0))
             self.bias.zero_()
 
-    def forward(self, x):
-        return column_parallel_matmul(x, self.weight, self.bias, self.dist, self.sp)  # -> [B, T, out/tp]
+    def forward(self, x):  # [B, T, C] replicated, or this rank's [B, T/tp, C] under sequence parallelism
+        if self.overlap and overlap_helps(self.weight, self.dist, column=True):  # the same, as one step
+            return ParallelMatmul.apply(x, self.weight, self.bias, self.dist, True, self.sp)
+        x = f(x, self.dist, self.sp)  # [B, T, C] on every rank
+        return F.linear(x, self.weight, self.bias)  # [B, T, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -301,11 +323,11 @@ class RowParallelLinear(nn.Module):
     Input [B, T, in/tp] sharded -> output [B, T, out] replicated (sequence parallel: [B, T/tp, out], this rank's
     tokens). The bias is added once, after the sum."""
 
-    def __init__(self, in_features, out_features, dist, sequence_parallel=False):
+    def __init__(self, in_features, out_features, dist, sequence_parallel=False, overlap=True):
         super().__init__()
         if in_features % dist.tp:
             raise UserError(f"input size {in_features} is not divisible by tensor-parallel size {dist.tp}.")
-        self.dist, self.sp = dist, sequence_parallel
+        self.dist, self.sp, self.overlap = dist, sequence_parallel, overlap
         self.weight = _sharded((out_features, in_features), 1, dist)  # [out, in/tp]
         self.weight.fuse_wgrad = True
         self.bias = nn.Parameter(torch.empty(out_features))  # replicated
@@ -317,9 +339,12 @@ class RowParallelLinear(nn.Module):
             self.weight.copy_(shard(full, self.dist, 1))
             self.bias.zero_()
 
-    def forward(self, x):
-        y = row_parallel_matmul(x, self.weight, self.dist)  # [B, T, in/tp] -> partial sums [B, T, out]
-        return g(y, self.dist, self.sp) + self.bias  # -> [B, T(/tp), out]
+    def forward(self, x):  # [B, T, in/tp]
+        if self.overlap and overlap_helps(self.weight, self.dist, column=False):  # the weight gradient into main_grad
+            y = ParallelMatmul.apply(x, self.weight, None, self.dist, False, False)
+        else:
+            y = F.linear(x, self.weight)  # partial sums [B, T, out]
+        return g(y, self.dist, self.sp) + self.bias  # -> [B, T, out] (sequence parallel: [B, T/tp, out])
 
 
 class VocabParallelEmbedding(nn.Module):

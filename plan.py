@@ -121,6 +121,28 @@ def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
     return r["mfu"], f"projected by bench/roofline.py for {key}, {r['assumes'].split(':')[0]} kernels"
 
 
+def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
+    """The tp x dp (x ZeRO-1) splits of `gpus` GPUs that fit in mem_gb, as bench/layouts.py enumerates them, fastest
+    first by bench/roofline.py's projection (rank_by_speed; a few seconds each), else smallest tp first."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    from layouts import candidates  # not at the top: bench/ imports train.py, which imports this file
+    rows = []
+    for tp, dp, zero1 in candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
+        over = {**overrides, "tp": tp, "zero1": zero1, "sequence_parallel": tp > 1}
+        cfg = make_config(preset, **over)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
+        need = estimate(cfg, tp, dp, dtype)["total_bytes"] / 1e9
+        if need + SLACK_GB <= mem_gb:
+            if rank_by_speed:
+                print(f"projecting tp {tp} x dp {dp}{' with ZeRO-1' if zero1 else ''}, which fits ...", file=sys.stderr,
+                      flush=True)
+            speed = projected_mfu(preset, over, gpu, tp, dp, dtype)[0] if rank_by_speed else None
+            rows.append(dict(tp=tp, dp=dp, zero1=zero1, memory_gb=round(need, 2), mfu=speed,
+                             flags=f"--tp {tp}" + (" --sequence_parallel true" if tp > 1 else "") +
+                                   (" --zero1 true" if zero1 else "")))
+    return sorted(rows, key=lambda r: -r["mfu"]) if rank_by_speed else sorted(rows, key=lambda r: r["tp"])
+
+
 def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, tokens=1e9, as_json=False):
     cfg = make_config(preset, **overrides)
     tp = cfg.tp
@@ -137,14 +159,22 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     peak = cfg.peak_tflops or (lookup(PEAK_TFLOPS, gpu) or {}).get(dtype)
     e = estimate(cfg, tp, dp, dtype)
     total_gb = e["total_bytes"] / 1e9
-    mfu, mfu_source = (mfu, "given") if mfu else projected_mfu(preset, overrides, gpu, tp, dp, dtype)
-    tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak else None
+    fits = None if mem_gb is None else total_gb + SLACK_GB <= mem_gb
+    given = mfu
+    if fits is False:  # no time for a layout that cannot run (and no seconds spent projecting it)
+        mfu, mfu_source = None, "does not fit"
+    else:
+        mfu, mfu_source = (mfu, "given") if mfu else projected_mfu(preset, overrides, gpu, tp, dp, dtype)
+    tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak and mfu else None
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
                   seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
                   sequence_parallel=cfg.sp, **e,
-                  gpu_mem_gb=mem_gb, fits=None if mem_gb is None else total_gb + SLACK_GB <= mem_gb,
+                  gpu_mem_gb=mem_gb, fits=fits,
                   peak_tflops=peak, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tok_s, tokens=tokens,
-                  hours=tokens / tok_s / 3600 if tok_s else None)
+                  hours=tokens / tok_s / 3600 if tok_s else None, params_total=params_per_rank(cfg, 1)[0])
+    if result["fits"] is False:  # which splits of these GPUs would fit, instead of a time for one that cannot run
+        result["layouts_that_fit"] = layouts_that_fit(preset, {k: v for k, v in overrides.items() if k != "tp"}, gpu,
+                                                      gpus, mem_gb, rank_by_speed=not given)
     if as_json:
         print(json.dumps(result, indent=1))
         return result
@@ -153,7 +183,7 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     print(f"{preset} on {gpus} x {gpu}: tp {tp} x dp {dp}, {dtype}, micro-batch {cfg.micro_batch} x {cfg.seq_len}, "
           f"recompute {cfg.recompute}, ZeRO-1 {'on' if cfg.zero1 else 'off'}, sequence parallel "
           f"{'on' if cfg.sp else 'off'}\nper GPU")
-    print(f"  parameters     {e['params_per_rank']:>14,}")
+    print(f"  parameters     {e['params_per_rank']:>14,}   of {result['params_total']:,} in the model")
     print(f"  weights        {gb(b['weights'])}   fp32 master copy")
     print(f"  gradients      {gb(b['gradients'])}   fp32")
     print(f"  optimizer      {gb(b['optimizer'])}   AdamW moments, fp32" + (f", sharded over dp {dp}" if cfg.zero1
@@ -166,6 +196,14 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     print(f"  total          {gb(e['total_bytes'])}{fit}")
     print(f"model FLOPs per token {e['flops_per_token'] / 1e9:.2f} G" + (" (recompute adds ~1/3 more hardware work)"
                                                                         if cfg.recompute == "full" else ""))
+    if result["fits"] is False:
+        fit = result["layouts_that_fit"]
+        ways = "\n".join(f"  {r['flags']:<45} {r['memory_gb']:6.1f} GB" + (f", {r['mfu']:.1%} MFU projected"
+                                                                          if r["mfu"] else "") for r in fit)
+        raise UserError(f"{preset} at tp {tp} x dp {dp} does not fit in {mem_gb} GB per {gpu}." +
+                        (f" Layouts of {gpus} GPUs that fit, {'fastest' if not given else 'smallest tp'} first:\n{ways}"
+                         if fit else f" No split of {gpus} GPUs fits.\nHINT: more GPUs, --recompute full, or a "
+                         f"smaller --micro_batch."))
     if tok_s:
         print(f"at {mfu:.1%} MFU ({mfu_source}) of {peak:g} TFLOP/s per GPU: {tok_s:,.0f} tokens/s; "
               f"{tokens:.3g} tokens in {result['hours']:.1f} h")

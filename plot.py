@@ -6,6 +6,7 @@ One colour per run: the training loss as a thin line (and a moving average over 
 loss as dots joined by a dashed line; below, tokens/s. Needs matplotlib (requirements.txt).
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -32,11 +33,12 @@ def read_run(run):
 
 
 def moving_average(values, n):
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - n] if i >= n else 0.0)
-        out.append(total / min(i + 1, n))
-    return out
+    """Centred: point i is the mean of the values within n // 2 logged steps either side (fewer at the ends). A
+    trailing mean would plot each value n / 2 steps late, and on a falling loss sit above the val loss measured at
+    the same step."""
+    sums, h = [0.0, *itertools.accumulate(values)], n // 2
+    return [(sums[min(len(values), i + h + 1)] - sums[max(0, i - h)]) / (min(len(values), i + h + 1) - max(0, i - h))
+            for i in range(len(values))]
 
 
 def plot(runs, png, title="", smooth=20):

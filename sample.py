@@ -14,6 +14,9 @@ import sys
 import time
 from dataclasses import replace
 
+from errors import require
+
+require("torch")  # a clear hint when run outside .venv
 import torch
 
 from checkpoint import config_of, consolidated, load_checkpoint, run_tokenizer

@@ -17,6 +17,9 @@ import sys
 import time
 from dataclasses import asdict, fields
 
+from errors import require
+
+require("torch")  # a clear hint when run outside .venv
 import torch
 
 from data import Batches

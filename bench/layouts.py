@@ -69,6 +69,9 @@ def name(r):
 
 def main(argv):
     opts, overrides = {"preset": "yuan-4.7b", "gpu": "H100", "gpus": "8", "gpu_mem": "0", "json": ""}, {}
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return
     if len(argv) % 2:
         raise UserError("options come in pairs: --NAME VALUE (see the docstring of bench/layouts.py).")
     for key, value in zip(argv[::2], argv[1::2]):

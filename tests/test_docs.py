@@ -45,3 +45,28 @@ def test_figures_draw(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("tp_mlp", "vocab_parallel", "sequence_parallel", "zero1"):
         assert os.path.getsize(tmp_path / f"{name}.png") > 10_000
+
+
+CODE_REF = re.compile(r"`([\w/]+\.py):([\w.]+)`")  # `file.py:name` or `file.py:Class.method` in the prose
+
+
+def test_code_the_docs_name_exists():
+    """Every `file.py:name` that README.md and docs/*.md point a reader to is defined in that file."""
+    missing = []
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            refs = CODE_REF.findall(f.read())
+        for path, name in refs:
+            if path == "file.py":  # the docs' own notation
+                continue
+            try:
+                with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+                    source = f.read()
+            except FileNotFoundError:
+                missing.append(f"{doc}: {path} (no such file)")
+                continue
+            *outer, last = name.split(".")
+            if not re.search(rf"^\s*(def|class) {last}\b|^{last}\s*[:=]", source, re.M) or \
+                    any(not re.search(rf"^class {o}\b", source, re.M) for o in outer):
+                missing.append(f"{doc}: {path}:{name}")
+    assert not missing, "the docs name code that is not there:\n" + "\n".join(missing)

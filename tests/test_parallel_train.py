@@ -46,10 +46,11 @@ SP = ["--sequence_parallel", "true"]
                                           (4, 2, ["--zero1", "true", "--bucket_mb", 0.01]), (4, 2, SP),
                                           (4, 2, [*SP, "--zero1", "true", "--recompute", "full"]),
                                           (2, 2, [*SP, "--compile", "true"]),
-                                          (1, 1, ["--compile", "true", "--recompute", "full"])],
+                                          (1, 1, ["--compile", "true", "--recompute", "full"]),
+                                          (2, 2, [*SP, "--overlap", "false"])],
                          ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full", "zero1", "dp2-zero1", "tp2xdp2-zero1-small-buckets",
                               "tp2xdp2-sp", "tp2xdp2-sp-zero1-recompute-full", "tp2-sp-compile",
-                              "compile-recompute-full"])
+                              "compile-recompute-full", "tp2-sp-plain-path"])
 def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra):
     mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp, *extra)
     train, val, norms = losses(tmp_path / "run")

@@ -57,28 +57,41 @@ def test_estimate_at_tp2_with_and_without_sequence_parallelism():
     assert proc.stdout.count("sequence parallelism saves") == 2
 
 
-def test_plan_cli_and_the_issue_goals():
+def test_plan_cli_and_the_issue_goals(capsys, monkeypatch):
     proc = run("train.py", "--preset", "yuan-4.7b", "--tp", 8, "--plan", "--gpus", 8, "--gpu", "H100")
     assert "593,820,672" in proc.stdout and "fits" in proc.stdout and "tokens/s" in proc.stdout
-    goals = [("V100-32GB", 4, 4, "fp16", ["--recompute", "full"]), ("A100-40GB", 8, 8, "bf16", []),
-             ("H200", 1, 1, "bf16", ["--recompute", "full"])]
+    assert "of 4,701,321,216 in the model" in proc.stdout
+    # The goals, in this process (the command line is the same function: train.plan_from_args -> plan.plan).
+    from plan import plan
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import roofline
+    calls, project = [], roofline.project
+    monkeypatch.setattr(roofline, "project", lambda *a, **k: calls.append((a, k, project(*a, **k))) or calls[-1][2])
+    goals = [("V100-32GB", 4, 4, "fp16", {"recompute": "full"}), ("A100-40GB", 8, 8, "bf16", {}),
+             ("H200", 1, 1, "bf16", {"recompute": "full"})]
     for gpu, gpus, tp, dtype, extra in goals:
-        proc = run("train.py", "--preset", "yuan-4.7b", "--tp", tp, "--plan", "--gpus", gpus, "--gpu", gpu, "--json",
-                   *extra)
-        r = json.loads(proc.stdout)
+        r = plan("yuan-4.7b", {"tp": tp, **extra}, gpus=gpus, gpu=gpu, as_json=True)
         assert r["fits"] and r["dtype"] == dtype and r["tp"] == tp, r
         # the time uses the MFU that bench/roofline.py projects for this very layout, not a fixed figure
         assert r["mfu_source"].startswith(f"projected by bench/roofline.py for {gpu}") and 0.1 < r["mfu"] < 0.8
         assert r["hours"] == pytest.approx(1e9 / (gpus * r["peak_tflops"] * 1e12 * r["mfu"] / r["flops_per_token"])
                                            / 3600)
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import roofline
-    want = roofline.project("yuan-4.7b", {"dtype": "bf16", "recompute": "full"}, "H200", tp=1, dp=1, accum=512)
-    assert r["mfu"] == pytest.approx(want["mfu"], rel=1e-9)  # r: the H200 goal, the last of the loop
-    given = json.loads(run("train.py", "--preset", "yuan-4.7b", "--tp", 8, "--plan", "--mfu", 0.3, "--json").stdout)
+    # r, the H200 goal (the last of the loop), took its MFU from the projection of that very layout
+    args, kwargs, projected = calls[-1]
+    assert args == ("yuan-4.7b", {"tp": 1, "recompute": "full", "dtype": "bf16"}, "H200", 1, 1)
+    assert kwargs == {"accum": 512} and r["mfu"] == projected["mfu"]
+    given = plan("yuan-4.7b", {"tp": 8}, mfu=0.3, as_json=True)
     assert given["mfu"] == 0.3 and given["mfu_source"] == "given"
-    r = json.loads(run("train.py", "--preset", "yuan-4.7b", "--tp", 1, "--plan", "--gpu", "H100", "--json").stdout)
-    assert not r["fits"]  # 4.7B with AdamW in fp32 is over 75 GB before any activation
+    r = plan("yuan-4.7b", {"tp": 1}, gpu="H100", as_json=True)
+    assert not r["fits"] and r["layouts_that_fit"] == [] and r["hours"] is None  # 4.7B with AdamW: over 75 GB
+    capsys.readouterr()
+
+
+def test_a_plan_that_does_not_fit_names_the_layouts_that_do():
+    proc = run("train.py", "--preset", "yuan-4.7b", "--plan", "--gpus", 2, "--gpu", "H100", "--mfu", 0.4, check=False)
+    assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout and "tokens/s" not in proc.stdout
+    assert "Layouts of 2 GPUs that fit, smallest tp first:\n  --tp 1 --zero1 true" in proc.stderr
+    assert "--tp 2 --sequence_parallel true " in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_zero1_divides_the_optimizer_state():
