@@ -21,38 +21,6 @@ def adamw(groups, **hyper):
         return torch.optim.AdamW(groups, **hyper)
 
 
-class MasterAdamW:
-    """AdamW under master weights (mixed_precision.py): it updates each parameter's fp32 p.master from its fp32
-    p.main_grad, then copies the masters into the bf16/fp16 working weights. Its state_dict is torch.optim.AdamW's,
-    for the same parameters in the same order, so checkpoints do not depend on the precision."""
-
-    def __init__(self, groups, **hyper):
-        self.params = [p for g in groups for p in g["params"]]
-        self.inner = adamw([{**g, "params": [p.master for p in g["params"]]} for g in groups], **hyper)
-
-    @property
-    def param_groups(self):  # the inner optimizer's, looked up each time: its load_state_dict replaces the list
-        return self.inner.param_groups
-
-    @torch.no_grad()
-    def step(self):
-        for p in self.params:
-            p.master.grad = p.main_grad  # the same fp32 tensor: no copy
-        self.inner.step()
-        torch._foreach_copy_([p.data for p in self.params], [p.master for p in self.params])  # rounded to bf16
-
-    def zero_grad(self, set_to_none=True):
-        torch._foreach_zero_([p.main_grad for p in self.params])
-        for p in self.params:
-            p.master.grad = None
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, sd):
-        self.inner.load_state_dict(sd)
-
-
 def clip_grad_norm(params, max_norm, dist):
     """Global gradient norm, then clip. Sharded parameters (tp_sharded) hold different slices on each tp rank, so
     their squared norms are summed over the tensor-parallel group; replicated ones are identical on every rank and

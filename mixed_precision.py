@@ -1,13 +1,28 @@
 """Mixed precision as Megatron-LM does it: bf16 (fp16 on V100) working weights, fp32 master weights, fp32 gradients.
 
-The model's parameters are converted to the compute dtype once and the whole forward and backward run in it (no
-autocast). Each parameter p carries two fp32 tensors:
-    p.master     the weight the optimizer updates (data_parallel.MasterAdamW, or ZeroAdamW's flat buffers); after
-                 each step it is copied into p, the working copy, rounded to bf16
-    p.main_grad  where the gradients of all micro-batches of a step are summed, in fp32. The tensor-parallel
-                 matmuls (parallel.ParallelMatmul, under --overlap) add their weight gradient into it themselves (Megatron's
-                 "gradient accumulation fusion": on CUDA one GEMM with an fp32 output and beta = 1); every other
-                 parameter's bf16 gradient is added by a hook as soon as autograd has produced it, and freed
+This file holds all of it: the working and master weights (use_master_weights), the optimizer of the masters
+(MasterAdamW; ZeroAdamW in data_parallel.py is its sharded form), fp16's loss scaling (LossScaler) and the
+weight-gradient accumulation that parallel.ParallelMatmul calls (accumulate_wgrad). The model's parameters are
+converted to the compute dtype once and the whole forward and backward run in it (no autocast).
+
+What a parameter p carries, and who sets and reads it (the whole list, for mixed precision and parallelism):
+    p.master                  fp32 weight the optimizer updates; after each step copied into p, the working copy,
+                              rounded to bf16. Set by use_master_weights (ZeroAdamW: views of its flat buffers).
+    p.main_grad               fp32: the gradients of all micro-batches of a step, summed. The tensor-parallel
+                              matmuls add their weight gradient into it themselves (parallel.ParallelMatmul under
+                              --overlap: Megatron's "gradient accumulation fusion", on CUDA one GEMM with an fp32
+                              output and beta = 1); every other gradient is added by _into_main_grad, a hook that
+                              runs as soon as autograd has produced it, and freed. Read through grad_of by the
+                              reducers, clipping and the optimizers.
+    p.grad_added_to_main_grad set by ParallelMatmul's backward, read and reset by _into_main_grad: p.grad is then a
+                              placeholder, not a gradient
+    p.fuse_wgrad              set by parallel.py's Column/RowParallelLinear on their weights: ParallelMatmul may add
+                              into main_grad (not the tied embedding, whose gradient has two sources)
+    p.tp_sharded, p.tp_dim    set by parallel._sharded: a slice of a tensor split over the tp group, along tp_dim
+                              (clip_grad_norm sums its square over tp; checkpoint.py merges and cuts along tp_dim)
+    p.sequence_parallel       set by model.Yuan under sequence parallelism on replicated parameters: the gradient is
+                              summed over tp (parallel.sync_sequence_parallel_grads)
+    p.dp_sharded              set by data_parallel.ZeroAdamW on its shards: clip_grad_norm sums them over dp
 What it saves, per matmul weight and micro-batch (bytes moved through memory; bench/roofline.py measures the step):
     autocast over fp32 weights: cast the weight (read 4, write 2), write its bf16 gradient (2), cast that to fp32
                                 (read 2, write 4), add it into .grad (read 8, write 4)                     26 bytes
@@ -18,6 +33,8 @@ Numerics: the residual stream, LayerNorm outputs and activations are bf16, as in
 logits, and every update happens in fp32. Checkpoints hold the fp32 master weights under the model's own names
 (fp32_state_dict), so they load into fp32 models (sample.py) and into older code alike.
 """
+import math
+
 import torch
 
 _FUSED = {}  # (device type, tensor class) -> whether this torch has addmm with an fp32 out_dtype there
@@ -80,3 +97,76 @@ def load_fp32_state_dict(model, sd):
     for name, p in model.named_parameters():
         if hasattr(p, "master"):
             p.master.copy_(sd[name])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The optimizer of the master weights, and fp16's loss scaling
+
+
+class MasterAdamW:
+    """AdamW under master weights (mixed_precision.py): it updates each parameter's fp32 p.master from its fp32
+    p.main_grad, then copies the masters into the bf16/fp16 working weights. Its state_dict is torch.optim.AdamW's,
+    for the same parameters in the same order, so checkpoints do not depend on the precision."""
+
+    def __init__(self, groups, make, **hyper):  # make: the optimizer of the masters (data_parallel.adamw)
+        self.params = [p for g in groups for p in g["params"]]
+        self.inner = make([{**g, "params": [p.master for p in g["params"]]} for g in groups], **hyper)
+
+    @property
+    def param_groups(self):  # the inner optimizer's, looked up each time: its load_state_dict replaces the list
+        return self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            p.master.grad = p.main_grad  # the same fp32 tensor: no copy
+        self.inner.step()
+        torch._foreach_copy_([p.data for p in self.params], [p.master for p in self.params])  # rounded to bf16
+
+    def zero_grad(self, set_to_none=True):
+        torch._foreach_zero_([p.main_grad for p in self.params])
+        for p in self.params:
+            p.master.grad = None
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd):
+        self.inner.load_state_dict(sd)
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (Micikevicius et al. 2018). The loss is multiplied by `scale` before backward
+    so small gradients survive fp16; gradients are divided back before clipping. A step whose gradients hold inf
+    or NaN is skipped and the scale halved; after `growth_interval` clean steps the scale doubles.
+    With bf16 or fp32 the scale is 1 and only non-finite gradients are skipped."""
+
+    def __init__(self, enabled, scale=2.0**16, growth_interval=1000):
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.scale, self.good_steps = (scale if enabled else 1.0), 0
+
+    def unscale_and_clip(self, params, max_norm, dist):
+        """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken).
+        The norm is the same on every rank, so every rank takes the same decision."""
+        from data_parallel import clip_grad_norm  # here, not at the top: data_parallel.py imports this file
+        grads = [grad_of(p) for p in params if grad_of(p) is not None]
+        if self.scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+        norm = clip_grad_norm(params, max_norm, dist)
+        return norm, math.isfinite(norm)
+
+    def update(self, finite):
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2, 0
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = state["scale"], state["good_steps"]

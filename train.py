@@ -23,10 +23,10 @@ require("torch")  # a clear hint when run outside .venv
 import torch
 
 from data import Batches
-from data_parallel import GradReducer, MasterAdamW, ZeroAdamW, adamw, clip_grad_norm
+from data_parallel import GradReducer, ZeroAdamW, adamw, clip_grad_norm
 from distributed import init_distributed
 from errors import UserError
-from mixed_precision import grad_of, use_master_weights
+from mixed_precision import LossScaler, MasterAdamW, grad_of, use_master_weights
 from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
 from mpi import run_or_abort
 from plan import PEAK_TFLOPS, lookup, plan
@@ -130,42 +130,6 @@ def parse_args(argv):
 # Mixed precision, schedule, throughput
 
 
-class LossScaler:
-    """Dynamic loss scaling for fp16 (Micikevicius et al. 2018). The loss is multiplied by `scale` before backward
-    so small gradients survive fp16; gradients are divided back before clipping. A step whose gradients hold inf
-    or NaN is skipped and the scale halved; after `growth_interval` clean steps the scale doubles.
-    With bf16 or fp32 the scale is 1 and only non-finite gradients are skipped."""
-
-    def __init__(self, enabled, scale=2.0**16, growth_interval=1000):
-        self.enabled, self.growth_interval = enabled, growth_interval
-        self.scale, self.good_steps = (scale if enabled else 1.0), 0
-
-    def unscale_and_clip(self, params, max_norm, dist):
-        """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken).
-        The norm is the same on every rank, so every rank takes the same decision."""
-        grads = [grad_of(p) for p in params if grad_of(p) is not None]
-        if self.scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.scale)
-        norm = clip_grad_norm(params, max_norm, dist)
-        return norm, math.isfinite(norm)
-
-    def update(self, finite):
-        if not self.enabled:
-            return
-        if not finite:
-            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
-        else:
-            self.good_steps += 1
-            if self.good_steps == self.growth_interval:
-                self.scale, self.good_steps = self.scale * 2, 0
-
-    def state_dict(self):
-        return {"scale": self.scale, "good_steps": self.good_steps}
-
-    def load_state_dict(self, state):
-        self.scale, self.good_steps = state["scale"], state["good_steps"]
-
-
 def lr_at(step, cfg):
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at lr_decay_steps (or max_steps)."""
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
@@ -230,7 +194,7 @@ def build(cfg, dist):
         opt = ZeroAdamW(groups, dist, cfg.bucket_mb, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
         return model, opt, opt, opt.shards
     hyper = dict(lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    opt = MasterAdamW(groups, **hyper) if master else adamw(groups, **hyper)
+    opt = MasterAdamW(groups, adamw, **hyper) if master else adamw(groups, **hyper)
     return model, opt, GradReducer(params, dist, cfg.bucket_mb), params
 
 

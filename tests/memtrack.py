@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from distributed import Dist
-from train import LossScaler, build, train_step
+from mixed_precision import LossScaler
+from train import build, train_step
 
 
 class LiveBytes(TorchDispatchMode):

@@ -8,7 +8,8 @@ from data_parallel import adamw
 from mixed_precision import accumulate_wgrad, fp32_state_dict, load_fp32_state_dict
 from model import Yuan, make_config
 from distributed import Dist
-from train import LossScaler, build, train_step
+from mixed_precision import LossScaler
+from train import build, train_step
 
 STEPS, ACCUM = 5, 2
 

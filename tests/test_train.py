@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, SMALL, read_metrics, run
 from model import Config, UserError, Yuan
 from distributed import Dist
-from train import LossScaler, lr_at, parse_args
+from mixed_precision import LossScaler
+from train import lr_at, parse_args
 
 EXACT = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "loss_scale", "skipped")
 
