@@ -44,76 +44,113 @@ def clip_grad_norm(params, max_norm, dist):
     return norm.item()
 
 
-class GradReducer:
-    """Average gradients over the data-parallel group, by hand. Parameters are grouped into flat buckets of about
-    bucket_mb MB in reverse order (the order backward produces their gradients). During the backward of the last
-    micro-batch, a hook counts each bucket's finished gradients and launches its all-reduce asynchronously as soon
-    as the bucket is complete, overlapping communication with the rest of the backward; finish() waits for all of
-    them before the optimizer step. Earlier micro-batches only accumulate locally: no communication.
-    Under sequence parallelism finish() also sums the replicated parameters' gradients over the tp group."""
+class Bucket:
+    """Parameters whose gradients travel in one collective. ZeRO-1 also gives each bucket a flat fp32 buffer: flat
+    (the parameters, now views of it, padded to dp equal slices), offsets (where each starts), shard (this rank's
+    slice, the Parameter AdamW updates), sp (a replicated bucket under sequence parallelism), group (its index in
+    the optimizer's groups)."""
 
-    def __init__(self, params, dist, bucket_mb=25.0):
-        self.dist, self.active, self.pending, self.params = dist, False, [], params
-        self.buckets, self.bucket_of, size = [[]], {}, 0
-        for p in reversed([p for p in params if p.requires_grad]):
-            if size and size + p.numel() * 4 > bucket_mb * 2**20:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            self.bucket_of[p] = len(self.buckets) - 1
-            size += p.numel() * 4
-        self.ready = [0] * len(self.buckets)
-        if dist.dp > 1:
-            for p in self.bucket_of:
+    def __init__(self, run):
+        self.run, self.params, self.ready, self.launched = run, [], 0, False
+        self.flat = self.offsets = self.shard = None
+        self.sp, self.group = False, 0
+
+
+class Buckets:
+    """The buckets of both data-parallel reductions (GradReducer's all-reduce, ZeroAdamW's reduce-scatter). Each run
+    of parameters is cut, in reverse order (the order backward produces their gradients), into buckets of about
+    bucket_mb MB of fp32 gradients. After start(), a hook counts each bucket's final gradients and calls
+    launch(bucket) as soon as all have arrived, so that its collective overlaps with the rest of the backward;
+    launch_rest() sends the buckets that never filled (parameters without a gradient this step)."""
+
+    def __init__(self, runs, bucket_mb, launch, hooks=True):
+        self.list, self.of, self.launch, self.armed = [], {}, launch, False
+        for i, run in enumerate(runs):
+            size, first = 0, len(self.list)
+            for p in reversed(run):
+                if len(self.list) == first or size + p.numel() * 4 > bucket_mb * 2**20:
+                    self.list.append(Bucket(i))
+                    size = 0
+                self.list[-1].params.append(p)
+                self.of[p] = self.list[-1]
+                size += p.numel() * 4
+        if hooks:
+            for p in self.of:
                 p.register_post_accumulate_grad_hook(self._on_grad)
 
+    def __len__(self):
+        return len(self.list)
+
+    def __iter__(self):
+        return iter(self.list)
+
     def _on_grad(self, p):
-        if not self.active:
-            return
-        b = self.bucket_of[p]
-        self.ready[b] += 1
-        if self.ready[b] == len(self.buckets[b]):
-            self._launch(b)
+        if self.armed:
+            b = self.of[p]
+            b.ready += 1
+            if b.ready == len(b.params):
+                b.launched = True
+                self.launch(b)
+
+    def start(self):
+        """Call before the backward of the last micro-batch: only then are the gradients final."""
+        self.armed = True
+        for b in self.list:
+            b.ready, b.launched = 0, False
+
+    def launch_rest(self):
+        for b in self.list:
+            if not b.launched:
+                b.launched = True
+                self.launch(b)
+        self.armed = False
+
+
+class GradReducer:
+    """Average gradients over the data-parallel group, by hand: during the backward of the last micro-batch each
+    bucket (class Buckets) is all-reduced asynchronously as soon as its gradients are final, overlapping
+    communication with the rest of the backward; finish() waits for all of them before the optimizer step. Earlier
+    micro-batches only accumulate locally: no communication. Under sequence parallelism finish() also sums the
+    replicated parameters' gradients over the tp group."""
+
+    def __init__(self, params, dist, bucket_mb=25.0):
+        self.dist, self.pending, self.params = dist, [], params
+        self.buckets = Buckets([[p for p in params if p.requires_grad]], bucket_mb, self._launch, hooks=dist.dp > 1)
 
     def _launch(self, b):
-        flat = torch.cat([grad_of(p).reshape(-1) for p in self.buckets[b]])
+        for p in b.params:  # a parameter unused this step counts as a zero gradient
+            if grad_of(p) is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([grad_of(p).reshape(-1) for p in b.params])
         self.pending.append((b, flat, tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)))
 
     def start(self):
         """Call before the backward of the last micro-batch."""
-        self.active, self.ready = self.dist.dp > 1, [0] * len(self.buckets)
+        if self.dist.dp > 1:
+            self.buckets.start()
 
     def finish(self):
-        """Wait for every bucket, then write the averaged gradients back into p.grad."""
+        """Wait for every bucket, then write the averaged gradients back into each parameter's gradient."""
         if self.dist.dp > 1:
-            self._wait_all()
+            self.buckets.launch_rest()
+            for b, flat, work in self.pending:
+                wait(work, self.dist)
+                flat /= self.dist.dp
+                for p, chunk in zip(b.params, flat.split([p.numel() for p in b.params])):
+                    grad_of(p).copy_(chunk.view_as(p))
+            self.pending = []
         sync_sequence_parallel_grads(self.params, self.dist)  # mean over dp, then sum over tp: the order is free
-
-    def _wait_all(self):
-        launched = {b for b, _, _ in self.pending}
-        for b in range(len(self.buckets)):  # a bucket whose gradients never all arrived (unused parameters)
-            if b not in launched:
-                for p in self.buckets[b]:
-                    if grad_of(p) is None:
-                        p.grad = torch.zeros_like(p)
-                self._launch(b)
-        for b, flat, work in self.pending:
-            wait(work, self.dist)
-            flat /= self.dist.dp
-            for p, chunk in zip(self.buckets[b], flat.split([p.numel() for p in self.buckets[b]])):
-                grad_of(p).copy_(chunk.view_as(p))
-        self.active, self.pending = False, []
 
 
 class ZeroAdamW:
     """ZeRO stage 1 (Rajbhandari et al. 2020) by hand: AdamW whose moments are sharded over the data-parallel group.
 
-    The parameters are packed into flat fp32 buckets of about bucket_mb MB, in reverse order (backward's), each of
-    one weight-decay setting and tensor-parallel kind and padded to a multiple of dp; they become views of them.
-    Each step:
-        during the last backward: as soon as a bucket's gradients are all final (a hook counts them, as in
-                   GradReducer), its flat gradient is reduce-scattered over dp, asynchronously: this rank receives
-                   its 1/dp slice, averaged, while backward goes on
+    The parameters are packed into flat fp32 buckets (class Buckets) of about bucket_mb MB, in reverse order
+    (backward's), each of one weight-decay setting and tensor-parallel kind and padded to a multiple of dp; they
+    become views of them. Each step:
+        during the last backward: as soon as a bucket's gradients are all final, its flat gradient is
+                   reduce-scattered over dp, asynchronously: this rank receives its 1/dp slice, averaged, while
+                   backward goes on
         finish():  wait for every bucket (clip_grad_norm then works on the slices: their squares summed over dp)
         step():    AdamW on this rank's slices only (1/dp of the moments live here)
                    -> all-gather the updated slices: every rank has every parameter again
@@ -123,35 +160,24 @@ class ZeroAdamW:
     the plain torch.optim.AdamW one (moments gathered to full size), so checkpoints do not depend on --zero1."""
 
     def __init__(self, groups, dist, bucket_mb=25.0, **hyper):
-        self.dist, self.groups, self.flats, shard_groups = dist, groups, [], []
-        self.active, self.pending, self.bucket_of = False, {}, {}
-        for gi, group in enumerate(groups):
-            for tp_kind in (True, False):
-                buckets, size = [], 0
-                for p in reversed([p for p in group["params"] if getattr(p, "tp_sharded", False) == tp_kind]):
-                    if not buckets or size + p.numel() * 4 > bucket_mb * 2**20:
-                        buckets.append([])
-                        size = 0
-                    buckets[-1].append(p)
-                    size += p.numel() * 4
-                for params in buckets:
-                    self.flats.append(self._pack(params, gi, tp_kind))
-                    shard_groups.append({"params": [self.flats[-1]["shard"]], "weight_decay": group["weight_decay"]})
-        self.inner = adamw(shard_groups, **hyper)
-        self.param_groups, self.shards = self.inner.param_groups, [f["shard"] for f in self.flats]
-        self.ready = [0] * len(self.flats)
-        for b, f in enumerate(self.flats):
-            for p in f["params"]:
-                self.bucket_of[p] = b
-                p.register_post_accumulate_grad_hook(self._on_grad)
+        self.dist, self.groups, self.pending = dist, groups, {}
+        runs = [[p for p in g["params"] if getattr(p, "tp_sharded", False) == tp_kind]
+                for g in groups for tp_kind in (True, False)]  # run i: group i // 2, tp-sharded when i is even
+        self.buckets = Buckets(runs, bucket_mb, self._launch)
+        for b in self.buckets:
+            self._pack(b, b.run // 2, b.run % 2 == 0)
+        self.inner = adamw([{"params": [b.shard], "weight_decay": groups[b.group]["weight_decay"]}
+                            for b in self.buckets], **hyper)
+        self.param_groups, self.shards = self.inner.param_groups, [b.shard for b in self.buckets]
 
-    def _pack(self, params, group, tp_kind):
-        """One flat buffer holding params (which become views of it) and this rank's slice of it, a Parameter."""
+    def _pack(self, b, group, tp_kind):
+        """Bucket b's flat buffer, holding its parameters (which become views of it), and this rank's slice of it,
+        a Parameter."""
         D, d = self.dist.dp, self.dist.dp_rank
-        n = sum(p.numel() for p in params)
-        flat = torch.zeros(-(-n // D) * D, device=params[0].device)  # padded: dp equal slices
+        n = sum(p.numel() for p in b.params)
+        flat = torch.zeros(-(-n // D) * D, device=b.params[0].device)  # padded: dp equal slices
         offsets, o = [], 0
-        for p in params:
+        for p in b.params:
             master = getattr(p, "master", None)  # under master weights the fp32 copy lives in the buffer
             flat[o:o + p.numel()].copy_((p if master is None else master).detach().reshape(-1))
             if master is None:
@@ -165,22 +191,14 @@ class ZeroAdamW:
         shard.tp_sharded, shard.dp_sharded = tp_kind, True
         # Under sequence parallelism every replicated parameter saw only this rank's tokens (model.py): its slice's
         # gradient is summed over the tp group too. Replicated buckets have the same layout on every tp rank.
-        sp = not tp_kind and getattr(params[0], "sequence_parallel", False)
-        return dict(group=group, params=params, offsets=offsets, flat=flat, shard=shard, sp=sp)
-
-    def _on_grad(self, p):
-        if not self.active:
-            return
-        b = self.bucket_of[p]
-        self.ready[b] += 1
-        if self.ready[b] == len(self.flats[b]["params"]):
-            self._launch(b)
+        b.group, b.flat, b.offsets, b.shard = group, flat, offsets, shard
+        b.sp = not tp_kind and getattr(b.params[0], "sequence_parallel", False)
 
     def _launch(self, b):
         """Start the reduce-scatter of bucket b's flat gradient; the full gradients are then no longer needed."""
-        f, D = self.flats[b], self.dist.dp
-        flat = torch.zeros_like(f["flat"])
-        for p, o in zip(f["params"], f["offsets"]):
+        D = self.dist.dp
+        flat = torch.zeros_like(b.flat)
+        for p, o in zip(b.params, b.offsets):
             grad = grad_of(p)
             if grad is not None:
                 flat[o:o + p.numel()].copy_(grad.reshape(-1))
@@ -198,41 +216,40 @@ class ZeroAdamW:
 
     def start(self):
         """Call before the backward of the last micro-batch (GradReducer's interface)."""
-        self.active, self.ready, self.pending = True, [0] * len(self.flats), {}
+        self.pending = {}
+        self.buckets.start()
 
     def finish(self):
         """Wait for every bucket (launching those whose gradients never all arrived); set the slices' gradients."""
-        for b in range(len(self.flats)):
-            if b not in self.pending:
-                self._launch(b)
-        for b, f in enumerate(self.flats):
+        self.buckets.launch_rest()
+        for b in self.buckets:
             grad = self.pending[b].wait() / self.dist.dp
-            f["shard"].grad = all_reduce(grad, self.dist) if f["sp"] and self.dist.tp > 1 else grad
-        self.active, self.pending = False, {}
+            b.shard.grad = all_reduce(grad, self.dist) if b.sp and self.dist.tp > 1 else grad
+        self.pending = {}
 
     def step(self):
         self.inner.step()
         if self.dist.dp > 1:  # every bucket's all-gather in flight at once, then wait for them
             works = []
-            for f in self.flats:
-                works.append(gather_into(f["flat"], f["shard"].detach().clone(), self.dist.dp_group, async_op=True))
+            for b in self.buckets:
+                works.append(gather_into(b.flat, b.shard.detach().clone(), self.dist.dp_group, async_op=True))
             for work in works:
                 wait(work, self.dist)
-        masters = [p for f in self.flats for p in f["params"] if hasattr(p, "master")]
+        masters = [p for b in self.buckets for p in b.params if hasattr(p, "master")]
         if masters:
             with torch.no_grad():
                 torch._foreach_copy_([p.data for p in masters], [p.master for p in masters])  # rounded to bf16
 
     def zero_grad(self, set_to_none=True):
         self.inner.zero_grad(set_to_none=set_to_none)
-        for f in self.flats:
-            for p in f["params"]:
+        for b in self.buckets:
+            for p in b.params:
                 p.grad = None
 
-    def _full(self, f, key):
-        """A moment of flat buffer f at full size (a collective: every dp rank must call it)."""
-        mine = self.inner.state[f["shard"]][key] if f["shard"] in self.inner.state else torch.zeros_like(f["shard"])
-        full = torch.empty_like(f["flat"])
+    def _full(self, b, key):
+        """A moment of bucket b's flat buffer at full size (a collective: every dp rank must call it)."""
+        mine = self.inner.state[b.shard][key] if b.shard in self.inner.state else torch.zeros_like(b.shard)
+        full = torch.empty_like(b.flat)
         if self.dist.dp > 1:
             tdist.all_gather(list(full.chunk(self.dist.dp)), mine.detach().clone(), group=self.dist.dp_group)
         else:
@@ -243,12 +260,12 @@ class ZeroAdamW:
         """torch.optim.AdamW's format for the original parameters, in the original groups' order."""
         index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
         state = {}
-        for f in self.flats:
-            if f["shard"] not in self.inner.state:
+        for b in self.buckets:
+            if b.shard not in self.inner.state:
                 continue
-            step = self.inner.state[f["shard"]]["step"]
-            moments = {k: self._full(f, k) for k in ("exp_avg", "exp_avg_sq")}
-            for p, o in zip(f["params"], f["offsets"]):
+            step = self.inner.state[b.shard]["step"]
+            moments = {k: self._full(b, k) for k in ("exp_avg", "exp_avg_sq")}
+            for p, o in zip(b.params, b.offsets):
                 state[index[id(p)]] = {"step": step.clone(), **{k: m[o:o + p.numel()].view_as(p).clone()
                                                                 for k, m in moments.items()}}
         groups = []
@@ -261,18 +278,18 @@ class ZeroAdamW:
         """Take this rank's slice of every moment from a plain AdamW state_dict."""
         index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
         D, d = self.dist.dp, self.dist.dp_rank
-        for f in self.flats:
-            ids = [index[id(p)] for p in f["params"]]
+        for b in self.buckets:
+            ids = [index[id(p)] for p in b.params]
             if not all(i in sd["state"] for i in ids):
                 continue
-            size = f["flat"].numel() // D
+            size = b.flat.numel() // D
             st = {}
             for k in ("exp_avg", "exp_avg_sq"):
-                full = torch.zeros_like(f["flat"])
-                for p, o, i in zip(f["params"], f["offsets"], ids):
+                full = torch.zeros_like(b.flat)
+                for p, o, i in zip(b.params, b.offsets, ids):
                     full[o:o + p.numel()].copy_(sd["state"][i][k].reshape(-1))
                 st[k] = full[d * size:(d + 1) * size].clone()
             st["step"] = sd["state"][ids[0]]["step"].clone()
-            self.inner.state[f["shard"]] = st
-        for group, saved in zip(self.param_groups, [sd["param_groups"][f["group"]] for f in self.flats]):
+            self.inner.state[b.shard] = st
+        for group, saved in zip(self.param_groups, [sd["param_groups"][b.group] for b in self.buckets]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "weight_decay")})

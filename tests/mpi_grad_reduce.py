@@ -49,17 +49,17 @@ def main():
     # ZeRO-1: the gradient of every flat bucket's slice is that slice of the plainly all-reduced gradients.
     index = {p: i for i, p in enumerate(model.parameters())}
     zero, launched = ZeroAdamW([{"params": list(model.parameters()), "weight_decay": 0.0}], dist, 0.01, lr=1e-3), []
-    assert len(zero.flats) > 3, len(zero.flats)
+    assert len(zero.buckets) > 3, len(zero.buckets)
     grads_after_two_micro_batches(model, dist, zero, launched)
-    assert launched == [len(zero.flats)], launched
-    for f in zero.flats:
-        want = torch.zeros_like(f["flat"])
-        for p, o in zip(f["params"], f["offsets"]):
+    assert launched == [len(zero.buckets)], launched
+    for b in zero.buckets:
+        want = torch.zeros_like(b.flat)
+        for p, o in zip(b.params, b.offsets):
             want[o:o + p.numel()] = plain[index[p]].reshape(-1)
         mine = want.chunk(dist.dp)[dist.dp_rank]
-        assert torch.allclose(f["shard"].grad, mine, rtol=1e-6, atol=1e-7), (f["shard"].grad - mine).abs().max()
+        assert torch.allclose(b.shard.grad, mine, rtol=1e-6, atol=1e-7), (b.shard.grad - mine).abs().max()
     report(dist, f"rank {dist.rank}: {len(reducer.buckets)} buckets, gradients equal to a plain all-reduce; "
-                 f"ZeRO-1 {len(zero.flats)} buckets, slices equal")
+                 f"ZeRO-1 {len(zero.buckets)} buckets, slices equal")
 
 
 if __name__ == "__main__":
