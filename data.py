@@ -8,8 +8,9 @@
 
 Inputs are `.txt` files with one document per line (the ASC22 corpus writes in-document newlines as the literal
 `<n>`), `.jsonl` files with a "text" field, or either one gzipped; a directory stands for the corpus files in it.
-tokenizer.py trains and loads the tokenizer; prepare.py turns the corpus into shards (cleaning, workers, resuming).
-This file holds the command line and the reader that training uses; the shard format is shards.py:
+dataprep/tokenizer.py trains and loads the tokenizer; dataprep/prepare.py turns the corpus into shards (cleaning,
+workers, resuming).
+This file holds the command line and the reader that training uses; the shard format is dataprep/shards.py:
 
     DIR/meta.json                   what was prepared: tokenizer, settings, counts, the list of shards
     DIR/train_0000.bin, ...         a 64-byte header (shards.HEADER) followed by uint16 token ids,
@@ -18,8 +19,8 @@ This file holds the command line and the reader that training uses; the shard fo
                                     (tokenizer.vocab.txt for yuan: and bert:)
 
 With --format megatron, shard k is instead the Megatron-LM datasets DIR/train_NNNN and DIR/val_NNNN (.bin + .idx,
-indexed.py). train.py --data takes a prepared directory of either format, or Megatron's own --data-path: a dataset
-PREFIX or a blend "W1 PREFIX1 W2 PREFIX2 ..." (class Batches).
+dataprep/indexed.py). train.py --data takes a prepared directory of either format, or Megatron's own --data-path: a
+dataset PREFIX or a blend "W1 PREFIX1 W2 PREFIX2 ..." (class Batches).
 """
 import argparse
 import json
@@ -28,14 +29,14 @@ import os
 import sys
 import warnings
 
-from errors import require
+from runtime.errors import require
 
 require("numpy")  # a clear hint when run outside .venv
 import numpy as np
 
-from errors import UserError
-from mpi import run_or_abort  # not distributed.py: no torch for a data job
-from shards import META_VERSION, open_tokens
+from runtime.errors import UserError
+from runtime.mpi import run_or_abort  # not distributed.py: no torch for a data job
+from dataprep.shards import META_VERSION, open_tokens
 
 # ------------------------------------------------------------------------------------------------------------------
 # Reading for training
@@ -160,7 +161,7 @@ class Blend:
 def open_megatron(spec, seq_len, n_vocab, val_fraction=None):
     """A Megatron prefix or blend (indexed.parse_blend) -> (train Blend, val Blend or None). With val_fraction,
     the last ceil(fraction * sequences) sequences of each prefix are held out for validation."""
-    from indexed import open_indexed, parse_blend
+    from dataprep.indexed import open_indexed, parse_blend
     blend = parse_blend(spec)
     train, val = [], []
     for _, prefix in blend:
@@ -251,11 +252,11 @@ class Batches:
             raise UserError(f"--val_data is for Megatron datasets; {data_dir} has its own val split.")
         self.tokenizer = tok = self.meta["tokenizer"]
         if spec is not None:
-            from tokenizer import load_tokenizer
+            from dataprep.tokenizer import load_tokenizer
             if load_tokenizer(spec)[1]["hash"] != tok["hash"]:
                 raise UserError(f"--tokenizer {spec} is not the tokenizer {data_dir} was prepared with "
                                 f"({tok['name']}).\nHINT: drop --tokenizer: the directory carries its own.")
-        from tokenizer import copy_spec
+        from dataprep.tokenizer import copy_spec
         self.tokenizer_spec = copy_spec(data_dir, tok)
         megatron = self.meta.get("format") == "megatron"
         self.train, self.val = (Blend([self._grid(data_dir, split, megatron)], None, [data_dir])
@@ -266,7 +267,7 @@ class Batches:
         for s in self.meta["shards"]:
             path = os.path.join(data_dir, s[split])
             if megatron:
-                from indexed import open_indexed
+                from dataprep.indexed import open_indexed
                 mm, ids, _ = open_indexed(path)
                 if len(ids) != s[split + "_tokens"]:
                     raise UserError(f"{path}.bin holds {len(ids):,} tokens but meta.json says "
@@ -278,7 +279,7 @@ class Batches:
         return TokenShards(parts, self.seq_len, tok["n_vocab"] if megatron else None, f"{data_dir} ({split})")
 
     def _open_megatron(self, data, spec, val_data, val_fraction):
-        from indexed import parse_blend
+        from dataprep.indexed import parse_blend
         if os.path.isfile(data):
             stem = os.path.splitext(os.path.basename(data))[0]
             raise UserError(f"--data {data} is a text file, not prepared data: train.py reads the tokens data.py "
@@ -295,7 +296,7 @@ class Batches:
                             f"(PREFIX.bin + PREFIX.idx, or a blend), and those do not record their tokenizer.\n"
                             f"HINT: add --tokenizer yuan:PATH/vocab.txt (or bert:..., or the .tiktoken) that "
                             f"prepared it.")
-        from tokenizer import load_tokenizer
+        from dataprep.tokenizer import load_tokenizer
         self.tokenizer, self.tokenizer_spec, self.meta = load_tokenizer(spec)[1], spec, None
         n_vocab = self.tokenizer["n_vocab"]
         if val_data is None:
@@ -371,7 +372,7 @@ class Batches:
 
 def transcode(cmd, spec):
     """data.py encode / decode: stdin to stdout, a line at a time (a pipe sees each line as soon as it is done)."""
-    from tokenizer import decode_lines, encode_lines, load_tokenizer
+    from dataprep.tokenizer import decode_lines, encode_lines, load_tokenizer
     enc = load_tokenizer(spec)[0]
     for line in (encode_lines if cmd == "encode" else decode_lines)(enc, sys.stdin):
         print(line, flush=True)
@@ -411,7 +412,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cmd in ("encode", "decode"):
         return run_or_abort(lambda: transcode(args.cmd, args.tokenizer))
-    import prepare  # here, not above: train.py reads batches without loading the preparation code
+    from dataprep import prepare  # here, not above: train.py reads batches without loading the preparation code
     if args.cmd == "train-tokenizer":
         run_or_abort(lambda: prepare.train_tokenizer_cli(args.input, args.vocab_size, args.out, args.sample_mb,
                                                          args.min_chars, args.max_chars))

@@ -1,6 +1,6 @@
 """The process layout and how it starts: Dist (what every layer and the loop know about the ranks) and the MPI
 bootstrap of torch.distributed (init_distributed). How a command ends, every rank together (run_or_abort), is
-mpi.py; the tensor- and sequence-parallel layers are parallel.py; keeping the data-parallel replicas in step,
+runtime/mpi.py; the tensor- and sequence-parallel layers are parallel.py; keeping the data-parallel replicas in step,
 data_parallel.py.
 
 Ranks are laid out as blocks of `tp` consecutive ranks (one tensor-parallel group, kept inside a node) and the
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from errors import UserError
-from mpi import mpi_world
+from runtime.errors import UserError
+from runtime.mpi import mpi_world
 from recompute import TPRandom
-from rendezvous import PROBE_TIMEOUT_S, rendezvous
+from runtime.rendezvous import PROBE_TIMEOUT_S, rendezvous
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Dist:
 def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
     """Bootstrap torch.distributed from MPI. Rank and world size come from COMM_WORLD, the local rank (and which
     ranks share a host) from a shared-memory split; the rendezvous address and each rank's network interface from
-    rendezvous.py (MASTER_ADDR/MASTER_PORT, --iface and GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME override).
+    runtime/rendezvous.py (MASTER_ADDR/MASTER_PORT, --iface and GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME override).
     A collective that waits longer than timeout_s for a rank fails (run_or_abort then names the missing ranks and
     ends the job) instead of holding every GPU until the backend's own default (30 minutes for gloo)."""
     MPI, comm = mpi_world()

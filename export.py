@@ -20,16 +20,16 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
-from errors import require
+from runtime.errors import require
 
 require("torch")  # a clear hint when run outside .venv
 import torch
 
-from checkpoint import config_of, consolidated, run_tokenizer
-from tokenizer import copy_spec
-from errors import UserError
+from runtime.checkpoint import config_of, consolidated, run_tokenizer
+from dataprep.tokenizer import copy_spec
+from runtime.errors import UserError
+from runtime.mpi import run_or_abort
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_BYTES = 4 * 2**30  # safetensors files of at most ~4 GB, as transformers writes them
@@ -75,7 +75,7 @@ def hf_tokenizer(enc, eot):
     token, as tiktoken does."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from tokenizer import _byte_alphabet
+    from dataprep.tokenizer import _byte_alphabet
     to_char = {b: c for c, b in _byte_alphabet().items()}
     text = lambda bs: "".join(to_char[b] for b in bs)  # noqa: E731
     ranks = enc._mergeable_ranks
@@ -147,7 +147,7 @@ def export(out, to, step=None, dtype="fp32"):
         shutil.copyfile(copy_spec(out, tok).partition(":")[2], os.path.join(to, "vocab.txt"))
         names.append("vocab.txt")
         print("note: the yuan: tokenizer (jieba, then Yuan's pieces) has no tokenizer.json form; vocab.txt is in the "
-              "export: encode with nanoyuan's tokenizer.py (YuanTokenizer) or Yuan 1.0's EncDecTokenizer.")
+              "export: encode with nanoyuan's dataprep/tokenizer.py (YuanTokenizer) or Yuan 1.0's EncDecTokenizer.")
     else:
         hf = hf_tokenizer(enc, tok["eot"]) if kind == "tiktoken" else enc.exported()
         hf.save(os.path.join(to, "tokenizer.json"))
@@ -168,10 +168,7 @@ def main(argv=None):
     p.add_argument("--step", type=int, help="the checkpoint of this step (default: the newest)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype (training keeps fp32)")
     args = p.parse_args(argv)
-    try:
-        export(args.out, args.to, args.step, args.dtype)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_or_abort(lambda: export(args.out, args.to, args.step, args.dtype))
 
 
 if __name__ == "__main__":

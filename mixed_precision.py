@@ -19,7 +19,7 @@ What a parameter p carries, and who sets and reads it (the whole list, for mixed
     p.fuse_wgrad              set by parallel.py's Column/RowParallelLinear on their weights: ParallelMatmul may add
                               into main_grad (not the tied embedding, whose gradient has two sources)
     p.tp_sharded, p.tp_dim    set by parallel._sharded: a slice of a tensor split over the tp group, along tp_dim
-                              (clip_grad_norm sums its square over tp; checkpoint.py merges and cuts along tp_dim)
+                              (clip_grad_norm sums its square over tp; runtime/checkpoint.py cuts and merges it)
     p.sequence_parallel       set by model.Yuan under sequence parallelism on replicated parameters: the gradient is
                               summed over tp (parallel.sync_sequence_parallel_grads)
     p.dp_sharded              set by data_parallel.ZeroAdamW on its shards: clip_grad_norm sums them over dp

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import Dist
-from errors import UserError
+from runtime.errors import UserError
 from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_matmul,
                       full_normal, vocab_parallel_cross_entropy)
 from recompute import checkpoint
@@ -61,12 +61,12 @@ class Config:
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
     # --- parallelism (parallel.py, data_parallel.py) ---
     collective_timeout_s: float = 300.0  # a rank that does not arrive in a collective this long ends the job
-    iface: str = ""  # network interface between hosts (ib0, eth1); empty: the one that reaches rank 0 (rendezvous.py)
+    iface: str = ""  # interface between hosts (ib0, eth1); empty: the one reaching rank 0 (runtime/rendezvous.py)
     tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
     sequence_parallel: bool = False  # with tp > 1: LayerNorm/dropout activations split over the tp group along T
     overlap: bool = True  # tp matmuls as one step: f's backward collective overlapped, wgrad into main_grad
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
-    # --- memory (plan.py estimates what each costs and saves) ---
+    # --- memory (tools/plan.py estimates what each costs and saves) ---
     recompute: str = "none"  # activation recomputation: none | selective (core attention) | full (every block)
     zero1: bool = False  # shard the AdamW state over the data-parallel group (ZeRO stage 1)
     # --- speed ---
@@ -316,7 +316,8 @@ class Yuan(nn.Module):
             else:
                 x = checkpoint(block, self.dist, x) if self.cfg.recompute == "full" and self.training else block(x)
         x = self.ln_f(x)
-        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp, self.cfg.overlap)  # tied head: [B, T, V/tp]
+        # the tied head: [B, T, V/tp]
+        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp, self.cfg.overlap)
         if targets is None:
             return logits, None
         loss = vocab_parallel_cross_entropy(logits.view(B * T, -1), targets.reshape(-1), self.dist, self.wte.start)

@@ -12,7 +12,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
+from runtime.errors import UserError
 from mixed_precision import accumulate_wgrad, grad_of
 
 
@@ -286,7 +286,7 @@ def _sharded(shape, dim, dist):
     local = list(shape)
     local[dim] //= dist.tp
     p = nn.Parameter(torch.empty(local))
-    p.tp_sharded, p.tp_dim = True, dim  # tp_dim: where checkpoint.py merges and cuts the slices
+    p.tp_sharded, p.tp_dim = True, dim  # tp_dim: where runtime/checkpoint.py merges and cuts the slices
     return p
 
 

@@ -14,18 +14,18 @@ import sys
 import time
 from dataclasses import replace
 
-from errors import require
+from runtime.errors import require
 
 require("torch")  # a clear hint when run outside .venv
 import torch
 
-from checkpoint import config_of, consolidated, load_checkpoint, run_tokenizer
-from errors import UserError
+from runtime.checkpoint import config_of, consolidated, load_checkpoint, run_tokenizer
+from runtime.errors import UserError
 from model import Yuan
 
 
 def load_model(args):
-    """(model in eval mode, tokenizer (tokenizer.py), its identity, checkpoint step, where it came from)."""
+    """(model in eval mode, tokenizer (dataprep/tokenizer.py), its identity, checkpoint step, where it came from)."""
     if args.ckpt:
         ckpt, where = load_checkpoint(args.ckpt), args.ckpt
         if ckpt["layout"]["tp"] > 1:

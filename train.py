@@ -1,6 +1,6 @@
-"""Train a Yuan model. Reads top to bottom in the order things happen:
-config -> data -> model -> optimizer -> loop (lr, micro-batches, clip, step, log, eval, checkpoint). Checkpoints
-and resuming (at any tensor-parallel size) are checkpoint.py; metrics.jsonl and the output directory, run_dir.py.
+"""Train a Yuan model. Reads top to bottom in the order things happen: config -> data -> model -> optimizer -> loop
+(lr, micro-batches, clip, step, log, eval, checkpoint). Checkpoints and resuming (at any tensor-parallel size) are
+runtime/checkpoint.py; metrics.jsonl and the output directory, runtime/run_dir.py.
 
     python train.py --preset tiny --data out/data/sanguo --out out/tiny [--max-steps 300] [--resume] [--dtype fp32]
     python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--recompute full] [--json]
@@ -17,23 +17,23 @@ import sys
 import time
 from dataclasses import asdict, fields
 
-from errors import require
+from runtime.errors import require
 
 require("torch")  # a clear hint when run outside .venv
 import torch
 
 from data import Batches
-from data_parallel import GradReducer, ZeroAdamW, adamw, clip_grad_norm
+from data_parallel import GradReducer, ZeroAdamW, adamw
 from distributed import init_distributed
-from errors import UserError
-from mixed_precision import LossScaler, MasterAdamW, grad_of, use_master_weights
+from runtime.errors import UserError
+from mixed_precision import LossScaler, MasterAdamW, use_master_weights
 from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
-from mpi import run_or_abort
-from plan import PEAK_TFLOPS, lookup, plan
-from checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
-from run_dir import Console, Metrics, Score, prepare_out_dir
-from stopping import Stopping
-from tokenizer import save_copy
+from runtime.mpi import run_or_abort
+from tools.plan import PEAK_TFLOPS, lookup, plan
+from runtime.checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
+from runtime.run_dir import Console, Metrics, Score, prepare_out_dir
+from runtime.stopping import Stopping
+from dataprep.tokenizer import save_copy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,7 +51,7 @@ def usage():
              "default 0.01)",
              "  --out DIR          checkpoints, metrics.jsonl, config.json", "  --resume           continue from the "
              "newest checkpoint in --out", "  --overwrite        delete the run in --out and start again",
-             "  --plan             print memory and time per GPU (plan.py) and exit; with --json as JSON;",
+             "  --plan             print memory and time per GPU (tools/plan.py) and exit; with --json as JSON;",
              "                     --gpus N, --gpu H100|H200|A100-40GB|V100-32GB|..., --gpu_mem GB, --mfu 0.45,",
              "                     --tokens 1e9 describe the machine and the run", "",
              "Config fields (defaults before the preset's values):"]
@@ -225,7 +225,7 @@ def train_step(model, opt, reducer, scaler, clip_params, grad_accum, cfg, dist, 
 
 
 def plan_from_args(opts, flags, overrides):
-    """--plan: memory and time per GPU from plan.py; nothing is allocated and no data is read."""
+    """--plan: memory and time per GPU from tools/plan.py; nothing is allocated and no data is read."""
     try:
         gpus, mem, mfu, tokens = (None if opts[k] is None else float(opts[k]) for k in ("gpus", "gpu_mem", "mfu",
                                                                                         "tokens"))
@@ -241,7 +241,7 @@ def absolute(data):
     """--data / --val_data with its paths made absolute, for config.json (a Megatron blend keeps its weights)."""
     if data is None or os.path.isdir(data):
         return data and os.path.abspath(data)
-    from indexed import parse_blend
+    from dataprep.indexed import parse_blend
     return " ".join(("" if w is None else f"{w:g} ") + os.path.abspath(p) for w, p in parse_blend(data))
 
 
@@ -319,7 +319,8 @@ def train(argv):
         return sum(losses) / len(losses)
 
     ran_steps = step < cfg.max_steps
-    stopping = Stopping(cfg, dist, last_ckpt=step or None)  # signals, --time_limit_min, divergence (stopping.py)
+    # signals, --time_limit_min, divergence (runtime/stopping.py)
+    stopping = Stopping(cfg, dist, last_ckpt=step or None)
     ckpt_path = lambda s: os.path.join(out, ckpt_name(s, dist.tp, dist.tp_rank))  # noqa: E731
     while step < cfg.max_steps:
         step += 1

@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import Batches  # noqa: E402
-from prepare import prepare  # noqa: E402
-from tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from dataprep.prepare import prepare  # noqa: E402
+from dataprep.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 H100_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), as in train.PEAK_TFLOPS
 

@@ -1,6 +1,6 @@
 """Which layout for N GPUs? Every tensor-parallel x data-parallel split (with and without ZeRO-1) of a preset,
-checked for memory by plan.py and priced by bench/roofline.py; the fastest that fits is picked, and the output says
-why (the categories of time in which it differs from the runner-up).
+checked for memory by tools/plan.py and priced by bench/roofline.py; the fastest that fits is picked, and the output
+says why (the categories of time in which it differs from the runner-up).
 
     python bench/layouts.py --preset yuan-4.7b --gpu H100 --gpus 8 [--gpu_mem GB] [--micro_batch 1] [--json FILE]
                             [any other Config field]
@@ -17,9 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from errors import UserError  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
 from model import make_config  # noqa: E402
-from plan import GPU_MEM_GB, SLACK_GB, estimate, lookup  # noqa: E402
+from tools.plan import GPU_MEM_GB, SLACK_GB, estimate, lookup  # noqa: E402
 from roofline import CATEGORIES, GPUS, GPUS_PER_NODE, project  # noqa: E402
 from train import FIELD_TYPES, parse_field  # noqa: E402
 
@@ -32,8 +32,8 @@ def candidates(cfg, gpus):
 
 
 def compare(preset, overrides, gpu, gpus, gpu_mem=None):
-    """A row per layout: the projection, plan.py's memory, whether it fits; sorted fastest first among those that fit
-    (then those that do not)."""
+    """A row per layout: the projection, tools/plan.py's memory, whether it fits; sorted fastest first among those
+    that fit (then those that do not)."""
     if gpu not in GPUS:
         raise UserError(f"unknown --gpu {gpu!r}. Known: {', '.join(GPUS)}.")
     base = make_config(preset, **overrides)
@@ -93,7 +93,7 @@ def main(argv):
     rows = compare(opts["preset"], overrides, opts["gpu"], gpus, gpu_mem or None)
     print(f"{opts['preset']} on {gpus} x {opts['gpu']}, {rows[0]['dtype']}, micro-batch {rows[0]['micro_batch']} x "
           f"{rows[0]['seq_len']}, recompute {rows[0]['recompute']}; projected by bench/roofline.py "
-          f"({rows[0]['assumes'].split(':')[0]}), memory by plan.py\n"
+          f"({rows[0]['assumes'].split(':')[0]}), memory by tools/plan.py\n"
           f"{'layout':<28} {'memory GB':>10} {'fits':>5} {'tokens/s':>10} {'MFU':>6} {'exposed comm s':>15}")
     for r in rows:
         print(f"{name(r):<28} {r['memory_gb']:>10.1f} {'yes' if r['fits'] else 'no':>5} {r['tokens_per_s']:>10,.0f} "

@@ -1,15 +1,16 @@
-"""indexed.py against the readers and writers Megatron-LM itself uses, run from their own source trees (nothing of
-theirs is copied here): NVIDIA/Megatron-LM's megatron/core/datasets/indexed_dataset.py and the older copy in
+"""dataprep/indexed.py against the readers and writers Megatron-LM itself uses, run from their own source trees
+(nothing of theirs is copied here): NVIDIA/Megatron-LM's megatron/core/datasets/indexed_dataset.py and the older copy in
 Shawn-IEITSystems/Yuan-1.0 (src/megatron/data/indexed_dataset.py), which Inspur's preprocess_data_cn.py writes with.
 
     python bench/megatron_reference_check.py --megatron PATH/Megatron-LM --yuan PATH/Yuan-1.0/src \\
         [--data DIR] [--write-test-data tests/data]
 
 For each reference and each dtype: (1) datasets written by indexed.IndexedWriter are read by the reference: same
-dtype, sequences and document index; (2) datasets written by the reference's builder are read by indexed.py: same
-sequences; written again by IndexedWriter they are byte-identical; (3) Inspur's way (one add_item per document and no
-end_document) reads too. --data: a `data.py prepare --format megatron` directory, every dataset of which the
-references read back id for id. --write-test-data: keep the small datasets the references wrote, for tests/.
+dtype, sequences and document index; (2) datasets written by the reference's builder are read by
+dataprep/indexed.py: same sequences; written again by IndexedWriter they are byte-identical; (3) Inspur's way (one
+add_item per document and no end_document) reads too. --data: a `data.py prepare --format megatron` directory, every
+dataset of which the references read back id for id. --write-test-data: keep the small datasets the references
+wrote, for tests/.
 
 Running the references needs: torch and numpy (the project's .venv); `six` for Yuan's package (pip install --target
 DIR six, then PYTHONPATH=DIR); Yuan's code uses np.float, gone since numpy 1.24, so this script sets np.float = float
@@ -19,7 +20,6 @@ script loads the datasets package alone and gives it the one helper it takes fro
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import types
@@ -27,7 +27,7 @@ import types
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from indexed import IndexedWriter, open_indexed, read_index  # noqa: E402
+from dataprep.indexed import IndexedWriter, open_indexed, read_index  # noqa: E402
 
 
 def load_megatron(root):
@@ -161,7 +161,8 @@ def check_prepared(ref, data):
             prefix = os.path.join(data, shard[split])
             _, seq, _ = ref.read(prefix)
             mine = np.array(open_indexed(prefix)[1])
-            ok &= np.array_equal(np.concatenate(seq) if seq else mine[:0], mine) and len(mine) == shard[split + "_tokens"]
+            ok &= np.array_equal(np.concatenate(seq) if seq else mine[:0], mine)
+            ok &= len(mine) == shard[split + "_tokens"]
             n += len(mine)
     return ok, f"  {data}: {len(meta['shards'])} shards, {n:,} ids: {'read id for id' if ok else 'DIFFERENT'}"
 

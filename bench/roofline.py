@@ -56,15 +56,15 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import train  # noqa: E402
-from errors import UserError  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
 from model import flops_per_token, make_config  # noqa: E402
 from distributed import Dist  # noqa: E402
-from plan import PEAK_TFLOPS, lookup  # noqa: E402
+from tools.plan import PEAK_TFLOPS, lookup  # noqa: E402
 
 T, G = 1e12, 1e9
-# Fixed before any projection was made; not tuned afterwards. Peaks: dense tensor-core TFLOP/s per dtype, plan.py's
-# PEAK_TFLOPS (the datasheets; train.py's MFU uses the same table; fp32: the CUDA-core rate, torch does not use TF32
-# for matmuls unless asked). hbm, nvlink, ib: GB/s; nvlink is one direction per GPU, what NCCL's bus bandwidth is
+# Fixed before any projection was made; not tuned afterwards. Peaks: dense tensor-core TFLOP/s per dtype,
+# tools/plan.py's PEAK_TFLOPS (the datasheets; train.py's MFU uses the same table; fp32: the CUDA-core rate, torch
+# does not use TF32 for matmuls unless asked). hbm, nvlink, ib: GB/s; nvlink is one direction per GPU, what NCCL's bus bandwidth is
 # measured against; ib per GPU (one NIC per GPU). Fractions: what is achieved.
 GPUS = {
     # NVIDIA H100 SXM5 datasheet: 3.35 TB/s HBM3, NVLink 900 GB/s bidirectional; DGX H100: one ConnectX-7 NDR400
@@ -372,7 +372,7 @@ def gpu_key(name):
 
 def project(preset, overrides=None, gpu="H100", tp=1, dp=1, accum=None, ops_out=None):
     """The projected step of `preset` with Config `overrides` on tp x dp GPUs of kind `gpu` (a GPUS key, or a dict
-    of the same fields, e.g. measure_cpu()'s). Returns a dict (see the keys below); plan.py imports this."""
+    of the same fields, e.g. measure_cpu()'s). Returns a dict (see the keys below); tools/plan.py imports this."""
     overrides = dict(overrides or {})
     spec = gpu if isinstance(gpu, dict) else GPUS.get(gpu)
     if spec is None:

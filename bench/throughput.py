@@ -12,7 +12,7 @@ per step (default 4: training accumulates many, and a step of one micro-batch wo
 gradient reduction, clipping and AdamW, as if it came with every micro-batch; --accum 1 times exactly that worst
 case); --json FILE appends one JSON line per setting. MFU = model FLOPs per token (model.py,
 flops_per_token: 6 per weight plus attention, recomputation not counted) x tokens/s / (peak x GPUs). Peak memory is
-torch.cuda.max_memory_allocated on a GPU, beside plan.py's estimate for the same setting; on a CPU, the process's
+torch.cuda.max_memory_allocated on a GPU, beside tools/plan.py's estimate for the same setting; on a CPU, the process's
 resident high-water mark (it only grows across the grid). A setting that runs out of GPU memory reads OOM.
 """
 import gc
@@ -27,11 +27,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from errors import UserError  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
 from model import flops_per_token, make_config  # noqa: E402
-from mpi import run_or_abort  # noqa: E402
+from runtime.mpi import run_or_abort  # noqa: E402
 from distributed import init_distributed  # noqa: E402
-from plan import estimate  # noqa: E402
+from tools.plan import estimate  # noqa: E402
 from train import FIELD_TYPES, LossScaler, build, parse_field, peak_flops, resolve_dtype, train_step  # noqa: E402
 
 BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 4, "json": ""}
@@ -125,7 +125,7 @@ def main():
     memory = "allocated by torch" if dist.device.type == "cuda" else "the process's resident high-water mark"
     dist.print0(f"{name}, torch {torch.__version__}, {dist.world} rank(s); median of {opts['steps']} steps of "
                 f"{opts['accum']} micro-batches after {opts['warmup']} warm-up; peak GB = {memory}, plan GB = "
-                f"plan.py's estimate\n"
+                f"tools/plan.py's estimate\n"
                 f"{'setting':<55} {'micro x T':<11} {'tokens/s':>10} {'MFU':>6} {'peak GB':>7} {'plan GB':>7} "
                 f"{'step s':>8}")
     keys = list(grid)

@@ -99,7 +99,7 @@ def main():
     sys.path.insert(0, os.path.abspath(args.reference))
     import jieba
     from tokenization_enc_dec import EncDecTokenizer  # the reference, from --reference
-    import tokenizer as ours
+    from dataprep import tokenizer as ours
     jieba.setLogLevel(60)
     docs, counts = generate(args.mb)
     with open(args.text, "w", encoding="utf-8") as f:

@@ -1,5 +1,5 @@
 """Measured memory on any device: the bytes of tensor storage alive while a TorchDispatchMode watches, and their
-peak. Used to check plan.py's estimates on CPU, where torch keeps no allocator statistics."""
+peak. Used to check tools/plan.py's estimates on CPU, where torch keeps no allocator statistics."""
 import weakref
 
 import torch

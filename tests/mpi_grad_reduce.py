@@ -11,7 +11,7 @@ import torch.distributed as tdist  # noqa: E402
 from model import Config, Yuan  # noqa: E402
 from data_parallel import GradReducer, ZeroAdamW  # noqa: E402
 from distributed import init_distributed  # noqa: E402
-from mpi import run_or_abort  # noqa: E402
+from runtime.mpi import run_or_abort  # noqa: E402
 from mpi_tp_layers import report  # noqa: E402  (tests/ is on sys.path: this script's folder)
 
 

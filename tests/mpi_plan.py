@@ -1,4 +1,4 @@
-"""Run under mpiexec -n 2 by tests/test_plan.py: plan.py's memory estimate at tp = 2, with and without sequence
+"""Run under mpiexec -n 2 by tests/test_plan.py: tools/plan.py's memory estimate at tp = 2, with and without sequence
 parallelism, against the bytes alive during real training steps on each rank (tests/memtrack.py)."""
 import os
 import sys
@@ -10,8 +10,8 @@ import torch.distributed as tdist  # noqa: E402
 from memtrack import measured_peak  # noqa: E402
 from model import make_config  # noqa: E402
 from distributed import init_distributed  # noqa: E402
-from mpi import run_or_abort  # noqa: E402
-from plan import estimate  # noqa: E402
+from runtime.mpi import run_or_abort  # noqa: E402
+from tools.plan import estimate  # noqa: E402
 
 
 def main():

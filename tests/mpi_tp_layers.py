@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 import model as model_py  # noqa: E402
 import parallel  # noqa: E402
 from distributed import init_distributed  # noqa: E402
-from mpi import run_or_abort  # noqa: E402
+from runtime.mpi import run_or_abort  # noqa: E402
 from model import Config, Yuan  # noqa: E402
 from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, all_gather_seq,  # noqa: E402
                       f, reduce_scatter_seq, sync_sequence_parallel_grads, vocab_parallel_cross_entropy)

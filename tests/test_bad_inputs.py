@@ -49,7 +49,7 @@ CASES = [
     ("train.py", [*SMALL, "--data", "{data}", "--out", "{run}", "--resume", "--n_layer", "3"],
      "is from another model config"),
     # train.py --plan
-    ("train.py", ["--preset", "tiny", "--plan", "--gpu", "H300"], "is not a GPU plan.py knows"),
+    ("train.py", ["--preset", "tiny", "--plan", "--gpu", "H300"], "is not a GPU tools/plan.py knows"),
     ("train.py", ["--preset", "tiny", "--plan", "--tp", "2", "--gpus", "3"], "must be a positive multiple of --tp"),
     ("train.py", ["--preset", "tiny", "--plan", "--mfu", "2"], "is a fraction of the peak"),
     ("train.py", ["--preset", "tiny", "--plan", "--gpu_mem", "lots"], "take numbers"),
@@ -73,10 +73,10 @@ CASES = [
     ("export.py", ["--out", "{run}", "--to", "{out}", "--step", "99"], "no complete checkpoint of step 99"),
     ("export.py", ["--out", "{run}", "--to", "{file}"], "is a file; the export is a directory"),
     ("export.py", ["--out", "{run}", "--to", "{out}", "--dtype", "fp8"], "invalid choice"),
-    # plot.py
-    ("plot.py", ["{out}", "--png", "{out}.png"], "no metrics.jsonl there"),
-    ("plot.py", ["{badmeta}/meta.json", "--png", "{out}.png"], "is not one JSON object per line"),
-    ("plot.py", ["{run}", "--png", "{out}.png", "--smooth", "0"], "--smooth must be at least 1"),
+    # tools/plot.py
+    ("tools/plot.py", ["{out}", "--png", "{out}.png"], "no metrics.jsonl there"),
+    ("tools/plot.py", ["{badmeta}/meta.json", "--png", "{out}.png"], "is not one JSON object per line"),
+    ("tools/plot.py", ["{run}", "--png", "{out}.png", "--smooth", "0"], "--smooth must be at least 1"),
     # sample.py
     ("sample.py", ["--out", "{run}", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
     ("sample.py", ["--out", "{run}", "--temperature", "-1"], "must be at least 0"),

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from data import Batches, TokenShards, permute
-from shards import HEADER, HEADER_BYTES, META_VERSION, open_tokens, write_tokens
-from errors import UserError
+from dataprep.shards import HEADER, HEADER_BYTES, META_VERSION, open_tokens, write_tokens
+from runtime.errors import UserError
 
 TOK = dict(name="synthetic", hash="ab" * 32, n_vocab=1000, eot=999)
 

@@ -36,9 +36,9 @@ def exported(prepared, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(exported):
-    from checkpoint import config_of, consolidated
+    from runtime.checkpoint import config_of, consolidated
     from model import Yuan
-    from tokenizer import load_tokenizer
+    from dataprep.tokenizer import load_tokenizer
     ckpt, _ = consolidated(exported[0])
     model = Yuan(replace(config_of(ckpt), dropout=0.0))
     model.load_state_dict(ckpt["model"])

@@ -1,11 +1,10 @@
-"""Megatron-LM indexed datasets (indexed.py) and training on them (data.Batches). tests/data/indexed_*.{bin,idx} were
-written by the references' own builders (bench/megatron_reference_check.py --write-test-data, bench/RESULTS.md):
-Megatron-LM's megatron/core/datasets/indexed_dataset.py, one document per sequence, and Yuan-1.0's copy the way
-Inspur's preprocess_data_cn.py calls it (documents never closed: document index [0]); the sequences are in
-tests/data/indexed_docs.json."""
+"""Megatron-LM indexed datasets (dataprep/indexed.py) and training on them (data.Batches).
+tests/data/indexed_*.{bin,idx} were written by the references' own builders (bench/megatron_reference_check.py
+--write-test-data, bench/RESULTS.md): Megatron-LM's megatron/core/datasets/indexed_dataset.py, one document per
+sequence, and Yuan-1.0's copy the way Inspur's preprocess_data_cn.py calls it (documents never closed: document
+index [0]); the sequences are in tests/data/indexed_docs.json."""
 import json
 import os
-import shutil
 import struct
 
 import numpy as np
@@ -13,15 +12,15 @@ import pytest
 
 from conftest import ROOT, SMALL, read_metrics, run
 from data import Batches
-from errors import UserError
-from indexed import IndexedWriter, open_indexed, parse_blend, read_index
+from runtime.errors import UserError
+from dataprep.indexed import IndexedWriter, open_indexed, parse_blend, read_index
 
 DATA = os.path.join(ROOT, "tests", "data")
 DOCS = json.load(open(os.path.join(DATA, "indexed_docs.json")))
 
 
 def handmade(prefix, docs, code=8, dtype=np.uint16, doc_idx=None):
-    """A dataset packed by hand from the byte layout in indexed.py's docstring."""
+    """A dataset packed by hand from the byte layout in dataprep/indexed.py's docstring."""
     sizes = [len(d) for d in docs]
     pointers = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * np.dtype(dtype).itemsize
     doc_idx = list(range(len(docs) + 1)) if doc_idx is None else doc_idx

@@ -1,11 +1,11 @@
-"""What people look at during and after a run (run_dir.py, plot.py): plain log lines when stdout is not a
+"""What people look at during and after a run (runtime/run_dir.py, tools/plot.py): plain log lines when stdout is not a
 terminal, TensorBoard events equal to metrics.jsonl, the loss plot, the score line (--target_loss)."""
 import os
 
 import pytest
 
 from conftest import SMALL, read_metrics, run
-from run_dir import Score
+from runtime.run_dir import Score
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_tensorboard_off(prepared, tmp_path):
 def test_plot_two_runs(logged, prepared, tmp_path):
     out, _, _ = logged
     png = tmp_path / "loss.png"
-    proc = run("plot.py", out, os.path.join(out, "metrics.jsonl"), "--png", png, "--title", "two")
+    proc = run("tools/plot.py", out, os.path.join(out, "metrics.jsonl"), "--png", png, "--title", "two")
     assert "2 run(s)" in proc.stdout
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000

@@ -1,6 +1,5 @@
-"""plan.py against the real model: parameter counts per rank on the meta device, and memory estimates against the
+"""tools/plan.py against the real model: parameter counts per rank on the meta device, and memory estimates against the
 bytes actually alive during training steps on CPU (tests/memtrack.py)."""
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from conftest import ROOT, run
 from memtrack import measured_peak
 from model import Yuan, count_params, make_config
 from distributed import Dist
-from plan import estimate, params_per_rank
+from tools.plan import estimate, params_per_rank
 from test_parallel import MPIEXEC, needs_mpiexec
 
 
@@ -62,7 +61,7 @@ def test_plan_cli_and_the_issue_goals(capsys, monkeypatch):
     assert "593,820,672" in proc.stdout and "fits" in proc.stdout and "tokens/s" in proc.stdout
     assert "of 4,701,321,216 in the model" in proc.stdout
     # The goals, in this process (the command line is the same function: train.plan_from_args -> plan.plan).
-    from plan import plan
+    from tools.plan import plan
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import roofline
     calls, project = [], roofline.project

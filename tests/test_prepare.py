@@ -1,4 +1,4 @@
-"""prepare.py: the ASC22 cleaning, shards independent of workers and ranks, resuming, bad input."""
+"""dataprep/prepare.py: the ASC22 cleaning, shards independent of workers and ranks, resuming, bad input."""
 import gzip
 import json
 import os
@@ -12,11 +12,11 @@ import pytest
 
 from conftest import ROOT, run
 from data import Batches
-from shards import open_tokens
-from errors import UserError
-from prepare import prepare
+from dataprep.shards import open_tokens
+from runtime.errors import UserError
+from dataprep.prepare import prepare
 from test_parallel import MPIEXEC, needs_mpiexec
-from tokenizer import load_tokenizer, train_tokenizer
+from dataprep.tokenizer import load_tokenizer, train_tokenizer
 
 SANGUO = os.path.join(ROOT, "corpus", "sanguo.txt")
 
@@ -276,7 +276,7 @@ def test_huge_line_is_skipped_in_bounded_memory(tokenizer, tmp_path):
             f.write(b"x" * 1_000_000)
         f.write("\n好的最后一个文档，长度正常。\n".encode())
     # VmHWM: this process's peak RSS (ru_maxrss would inherit the pytest parent's peak across fork + exec)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from prepare import prepare; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from dataprep.prepare import prepare; "
             "m = prepare([sys.argv[2]], sys.argv[3], sys.argv[4], 0.5, workers=1); "
             "hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')); "
             "print(m['stats']['kept'], m['stats']['long'], hwm)")

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run
-from errors import UserError
+from runtime.errors import UserError
 from model import count_params, flops_per_token, make_config
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))

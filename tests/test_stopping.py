@@ -1,4 +1,4 @@
-"""What happens when a run is stopped or goes wrong (stopping.py, checkpoint.py): batch-system signals and the time
+"""What happens when a run is stopped or goes wrong (runtime/stopping.py, runtime/checkpoint.py): batch-system signals and the time
 limit (a checkpoint, exit 75, an exact resume), copies of a signal (a job-wide SIGTERM that each rank also gets from
 mpiexec), a deliberate second signal and SIGQUIT, divergence, a full file system while a checkpoint is written, and
 an unreadable newest checkpoint."""
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, SMALL, read_metrics, run
-from stopping import NOW, judge
+from runtime.stopping import NOW, judge
 from test_parallel import MPIEXEC, needs_mpiexec
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -169,7 +169,7 @@ JOB_WIDE = [("launcher and ranks", 0.0, "nobody"),
 def test_job_wide_sigterm_each_rank_gets_twice_checkpoints_every_time(prepared, tmp_path):
     """Five job-wide SIGTERMs in a row at tp 2, one per pattern of JOB_WIDE, each in a run resumed from the last
     stop: every one exits 75 with a checkpoint at the step reached, and the whole stopped-and-resumed run then
-    equals an uninterrupted one, loss for loss. Before stopping.py took the copies as one request, a copy
+    equals an uninterrupted one, loss for loss. Before runtime/stopping.py took the copies as one request, a copy
     50 ms or more behind exited at once: 143 and no checkpoint, or exit 15 from mpiexec."""
     cmd = [MPIEXEC, "-n", "2", sys.executable, TRAIN, *map(str, [*SMALL, "--data", prepared, "--lr_decay_steps", 40,
                                                                  "--eval_interval", 1000, "--tp", 2])]

@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from conftest import ROOT, run
-from errors import UserError
-from prepare import Clean, read_documents
-from tokenizer import load_tokenizer, train_tokenizer
+from runtime.errors import UserError
+from dataprep.prepare import Clean, read_documents
+from dataprep.tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.mark.parametrize("text", ["话说天下大势，分久必合，合久必分。", "Hello, world! It's 2026.", "😀🐉 emoji 三国",
@@ -104,7 +104,7 @@ def test_sample_spreads_over_the_file(tmp_path):
     """Blocks are evenly spaced: the sample sees the start and the end of the file."""
     path = tmp_path / "n.txt"
     path.write_text("".join(f"document number {i:06d} of the corpus\n" for i in range(100_000)))  # 3.8 MB
-    from prepare import sample_documents
+    from dataprep.prepare import sample_documents
     docs = list(sample_documents([str(path)], 0.4, Clean(), collections.Counter()))
     assert docs[0] == "document number 000000 of the corpus"
     assert 9000 < len(docs) < 11000 and int(docs[-1].split()[2]) > 90_000

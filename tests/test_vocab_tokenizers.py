@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import ROOT, SMALL, run
-from errors import UserError
-from tokenizer import BertTokenizer, YuanTokenizer, load_tokenizer
+from runtime.errors import UserError
+from dataprep.tokenizer import BertTokenizer, YuanTokenizer, load_tokenizer
 from vocabs import YUAN_TEXTS, bert_vocab, yuan_vocab
 
 

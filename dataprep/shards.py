@@ -1,5 +1,5 @@
-"""The token shard format, shared by the writer (prepare.py) and the reader (data.py), which import it; it imports
-neither. A shard is a 64-byte header (HEADER) followed by uint16 token ids:
+"""The token shard format, shared by the writer (dataprep/prepare.py) and the reader (data.py), which import it; it
+imports neither. A shard is a 64-byte header (HEADER) followed by uint16 token ids:
 
     magic "NYUANTOK", format version, vocabulary size, token count, the tokenizer's hash (16 bytes), zero padding
 
@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 
-from errors import UserError
+from runtime.errors import UserError
 
 MAGIC, VERSION = b"NYUANTOK", 1
 HEADER = struct.Struct("<8sIIQ16s")  # magic, format version, vocab size, token count, tokenizer hash (16 bytes)

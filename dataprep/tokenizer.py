@@ -23,7 +23,7 @@ import shutil
 
 import numpy as np
 
-from errors import UserError
+from runtime.errors import UserError
 
 # Pre-tokenizer split (GPT-2's, which tiktoken's r50k_base also uses). Runs of Chinese characters stay one piece,
 # so BPE can learn multi-character words such as 玄德 or 丞相.

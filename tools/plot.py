@@ -1,6 +1,6 @@
 """Plot training runs from their metrics.jsonl: train and val loss against tokens seen, and training speed.
 
-    python plot.py out/demo/run [out/other ...] --png loss.png [--title "..."] [--smooth 20]
+    python tools/plot.py out/demo/run [out/other ...] --png loss.png [--title "..."] [--smooth 20]
 
 One colour per run: the training loss as a thin line (and a moving average over --smooth logged steps), the val
 loss as dots joined by a dashed line; below, tokens/s. Needs matplotlib (requirements.txt).
@@ -11,7 +11,9 @@ import json
 import os
 import sys
 
-from errors import UserError
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: runtime/
+from runtime.errors import UserError  # noqa: E402
+from runtime.mpi import run_or_abort  # noqa: E402
 
 
 def read_run(run):
@@ -47,7 +49,7 @@ def plot(runs, png, title="", smooth=20):
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("plot.py draws with matplotlib, which is not installed.\nHINT: .venv/bin/pip install "
+        raise UserError("tools/plot.py draws with matplotlib, which is not installed.\nHINT: .venv/bin/pip install "
                         "matplotlib") from None
     data = {run: read_run(run) for run in runs}
     fig, (ax, ax_speed) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 1])
@@ -85,10 +87,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smooth < 1:
         p.error("--smooth must be at least 1")
-    try:
-        plot(args.runs, args.png, args.title, args.smooth)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_or_abort(lambda: plot(args.runs, args.png, args.title, args.smooth))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """MPI without torch: the world when there is one (mpi_world), and how every command ends (run_or_abort): a clean
-message, every rank leaving together or, on an error, the whole job aborted. data.py and prepare.py use it without
-paying torch's import; distributed.py starts torch.distributed on top of it."""
+message, every rank leaving together or, on an error, the whole job aborted. data.py and dataprep/prepare.py use it
+without paying torch's import; distributed.py starts torch.distributed on top of it."""
 import sys
 import time
 import traceback
 
-from errors import EXIT_REQUEUE, Requeue, UserError
+from runtime.errors import EXIT_REQUEUE, Requeue, UserError
 
 
 def mpi_world():

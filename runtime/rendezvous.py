@@ -21,7 +21,7 @@ import socket
 import struct
 import threading
 
-from errors import UserError
+from runtime.errors import UserError
 
 PROBE_TIMEOUT_S = 5.0  # per candidate address, every candidate probed at once
 SIOCGIFADDR = 0x8915  # Linux ioctl: the IPv4 address of an interface

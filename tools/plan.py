@@ -38,7 +38,7 @@ import json
 import os
 import sys
 
-from errors import UserError
+from runtime.errors import UserError
 from model import flops_per_token, make_config
 
 # Dense peak TFLOP/s by datasheet, per dtype; train.py reads it for MFU. First match of the name wins.
@@ -110,7 +110,7 @@ ASSUMED_MFU = 0.45  # the time estimate's MFU for a GPU that bench/roofline.py's
 def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
     """(MFU, where it comes from): bench/roofline.py's projection of this layout's training step on this GPU, priced
     from the code's own op stream (a few seconds for yuan-4.7b), or ASSUMED_MFU where its table lacks the GPU."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import roofline  # not at the top: bench/roofline.py imports train.py, which imports this file
     key = roofline.gpu_key(gpu)
     if key is None or dtype not in roofline.GPUS[key]:
@@ -124,7 +124,7 @@ def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
 def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
     """The tp x dp (x ZeRO-1) splits of `gpus` GPUs that fit in mem_gb, as bench/layouts.py enumerates them, fastest
     first by bench/roofline.py's projection (rank_by_speed; a few seconds each), else smallest tp first."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     from layouts import candidates  # not at the top: bench/ imports train.py, which imports this file
     rows = []
     for tp, dp, zero1 in candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
@@ -152,7 +152,7 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     dp = gpus // tp
     if lookup(GPU_MEM_GB, gpu) is None and lookup(PEAK_TFLOPS, gpu) is None and not (gpu_mem and cfg.peak_tflops):
         known = sorted({name for name, _ in GPU_MEM_GB + PEAK_TFLOPS})
-        raise UserError(f"--gpu {gpu!r} is not a GPU plan.py knows: {', '.join(known)}.\nHINT: one of those, or "
+        raise UserError(f"--gpu {gpu!r} is not a GPU tools/plan.py knows: {', '.join(known)}.\nHINT: one of those, or "
                         f"describe yours with --gpu_mem GB and --peak_tflops TFLOPS.")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
     mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)

@@ -35,10 +35,10 @@ import zlib
 
 import numpy as np
 
-from indexed import IndexedWriter, best_dtype, read_index
-from shards import META_VERSION, TokenWriter, read_header
-from errors import UserError
-from tokenizer import check_vocab_and_out, load_tokenizer, save_copy, train_tokenizer
+from dataprep.indexed import IndexedWriter, best_dtype, read_index
+from dataprep.shards import META_VERSION, TokenWriter, read_header
+from runtime.errors import UserError
+from dataprep.tokenizer import check_vocab_and_out, load_tokenizer, save_copy, train_tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 TEXT_KEYS = ("kept", "chars", "short", "long", "blank", "bad_bytes", "val_docs", "train_tokens", "val_tokens")
@@ -408,7 +408,7 @@ def _mpi():
     tasks): a plain run, and the worker processes, never touch it."""
     if not any(v in os.environ for v in LAUNCHER_VARS) and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return 0, 1, 1, None
-    from mpi import mpi_world
+    from runtime.mpi import mpi_world
     MPI, comm = mpi_world()
     if comm is None or comm.Get_size() == 1:
         return 0, 1, 1, None
@@ -419,7 +419,7 @@ def _mpi():
 def prepare(inputs, tokenizer, out, val_fraction=0.05, min_chars=10, max_chars=20_000, shard_mb=4096.0,
             piece_mb=32.0, workers=0, fmt="nanoyuan"):
     """Tokenize the corpus `inputs` into out/ (see the module docstring) in format `fmt`: "nanoyuan" shards or
-    "megatron" indexed datasets (indexed.py). Returns meta (on rank 0; None on the others)."""
+    "megatron" indexed datasets (dataprep/indexed.py). Returns meta (on rank 0; None on the others)."""
     t0 = time.time()
     enc, tok = load_tokenizer(tokenizer)
     files, clean = list_inputs(inputs), Clean(min_chars, max_chars)
@@ -540,6 +540,7 @@ def finish(out, files, inputs, tokenizer, tok, settings, records, seconds, worke
           f"\n  -> {out}/train_*{ext}, val_*{ext}, meta.json", flush=True)
     if fmt == "megatron":  # the same tokens for Megatron-LM: a blend weighted as nanoyuan samples them (by size)
         total = max(1, stats["train_tokens"])
-        print("  Megatron-LM: --data-path " + " ".join(f"{s['train_tokens'] / total:.6g} {os.path.join(out, s['train'])}"
-                                                      for s in shards if s["train_tokens"]), flush=True)
+        blend = [f"{s['train_tokens'] / total:.6g} {os.path.join(out, s['train'])}"
+                 for s in shards if s["train_tokens"]]
+        print("  Megatron-LM: --data-path " + " ".join(blend), flush=True)
     return meta

@@ -33,7 +33,7 @@ import time
 import torch
 import torch.distributed as tdist
 
-from errors import Requeue, UserError
+from runtime.errors import Requeue, UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # checkpoint, then exit 75
 NOW = signal.SIGQUIT  # Ctrl-\: exit at once, without a checkpoint (its default, a core dump, can fill a disk)

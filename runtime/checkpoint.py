@@ -1,6 +1,6 @@
 """Checkpoints: one file per tensor-parallel rank, written atomically, the newest keep_ckpts kept; resuming from
 them at the layout they were written with or at another one (resharding); one consolidated model for sample.py and
-export.py. Metrics and the output directory's other files are run_dir.py's.
+export.py. Metrics and the output directory's other files are runtime/run_dir.py's.
 
     OUT/ckpt_0000100.pt            tp = 1: model (fp32), optimizer (torch AdamW's format), loss scale, generators
     OUT/ckpt_0000100.tp0of2.pt     tp = 2: each tensor-parallel rank's shard (data-parallel rank 0 writes it)
@@ -21,10 +21,10 @@ from dataclasses import asdict, fields, replace
 import torch
 import torch.distributed as tdist
 
-from errors import UserError
+from runtime.errors import UserError
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
 from model import MODEL_FIELDS, Config, Yuan
-from tokenizer import copy_spec, load_tokenizer
+from dataprep.tokenizer import copy_spec, load_tokenizer
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
 
@@ -183,8 +183,8 @@ def load_step(out, step, written_tp, tp, tp_rank):
 
 
 def run_tokenizer(run, ckpt):
-    """The tokenizer (tokenizer.py) and identity a checkpoint was trained with: the copy train.py keeps in the run's
-    directory (or the built-in of that name), checked against the checkpoint's hash."""
+    """The tokenizer (dataprep/tokenizer.py) and identity a checkpoint was trained with: the copy train.py keeps in
+    the run's directory (or the built-in of that name), checked against the checkpoint's hash."""
     spec = copy_spec(run, ckpt["tokenizer"])
     enc, tok = load_tokenizer(spec)
     if tok["hash"] != ckpt["tokenizer"]["hash"]:

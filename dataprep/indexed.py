@@ -23,7 +23,7 @@ import struct
 
 import numpy as np
 
-from errors import UserError
+from runtime.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
 HEAD = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes

@@ -1,8 +1,8 @@
 """What a run leaves for people to look at: the output directory's metrics.jsonl and TensorBoard events, the
 console (a progress bar on a terminal, plain lines in a batch log), and the refusal to start a new run over an old
-one. Its checkpoints are checkpoint.py's.
+one. Its checkpoints are runtime/checkpoint.py's.
 
-    OUT/ckpt_*.pt                  checkpoints (checkpoint.py)
+    OUT/ckpt_*.pt                  checkpoints (runtime/checkpoint.py)
     OUT/metrics.jsonl              one JSON object per line (metrics.rewound.jsonl: rows a resume rewound)
     OUT/tensorboard/               TensorBoard event files (`tensorboard --logdir OUT`)
     OUT/config.json, tokenizer.*   a record of the run, and the tokenizer for sample.py
@@ -14,8 +14,8 @@ import shutil
 import sys
 import time
 
-from checkpoint import CKPT_RE
-from errors import UserError
+from runtime.checkpoint import CKPT_RE
+from runtime.errors import UserError
 
 TB_TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "lr", "grad_norm": "grad_norm",
            "tokens_per_s": "speed/tokens_per_s", "mfu": "speed/mfu", "loss_scale": "loss_scale", "skipped": "skipped"}

@@ -1,0 +1,1 @@
+"""Data preparation: the corpus reader and shard writer, the tokenizers, the shard and Megatron formats."""
