@@ -15,7 +15,7 @@ from test_parallel import MPIEXEC, needs_mpiexec
 
 # One rank's view of the variable after init_distributed (gloo on CPU: no CUDA involved, only the environment).
 SHOW_ENV = ("import os, sys\n"
-            "from distributed import init_distributed\nfrom mpi import run_or_abort\n"
+            "from distributed import init_distributed\nfrom runtime.mpi import run_or_abort\n"
             "def main():\n"
             "    d = init_distributed(tp=int(sys.argv[1]), device='cpu')\n"
             "    print(f'rank {d.rank}: CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get(\"CUDA_DEVICE_MAX_CONNECTIONS\")}',"

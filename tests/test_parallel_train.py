@@ -114,7 +114,7 @@ def test_a_failing_rank_ends_the_job_promptly():
     """Rank 1 raises while rank 0 waits in a collective: run_or_abort aborts the world, no hang."""
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import torch, torch.distributed as d\n"
-            "from distributed import init_distributed\nfrom mpi import run_or_abort\n"
+            "from distributed import init_distributed\nfrom runtime.mpi import run_or_abort\n"
             "def main():\n"
             "    dist = init_distributed(tp=1, device='cpu')\n"
             "    if dist.rank == 1:\n"
