@@ -66,8 +66,9 @@ def test_plan_cli_and_the_issue_goals(capsys, monkeypatch):
     import roofline
     calls, project = [], roofline.project
     monkeypatch.setattr(roofline, "project", lambda *a, **k: calls.append((a, k, project(*a, **k))) or calls[-1][2])
-    goals = [("V100-32GB", 4, 4, "fp16", {"recompute": "full"}), ("A100-40GB", 8, 8, "bf16", {}),
-             ("H200", 1, 1, "bf16", {"recompute": "full"})]
+    r = plan("yuan-4.7b", {"tp": 8}, gpus=8, gpu="A100-40GB", mfu=0.4, as_json=True)  # memory only: no projection
+    assert r["fits"] and r["dtype"] == "bf16" and r["tp"] == 8, r
+    goals = [("V100-32GB", 4, 4, "fp16", {"recompute": "full"}), ("H200", 1, 1, "bf16", {"recompute": "full"})]
     for gpu, gpus, tp, dtype, extra in goals:
         r = plan("yuan-4.7b", {"tp": tp, **extra}, gpus=gpus, gpu=gpu, as_json=True)
         assert r["fits"] and r["dtype"] == dtype and r["tp"] == tp, r
