@@ -245,63 +245,78 @@ def absolute(data):
     return " ".join(("" if w is None else f"{w:g} ") + os.path.abspath(p) for w, p in parse_blend(data))
 
 
-def train(argv):
-    opts, flags, overrides = parse_args(argv)
-    if flags["plan"]:
-        return plan_from_args(opts, flags, overrides)
-    cfg = make_config(opts["preset"], **overrides)
-    out = opts["out"]
-    dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface)
-    device = dist.device
-    resolve_dtype(cfg, device)  # "auto" becomes the device's dtype
+class Run:
+    """Everything the loop works with, set up in the order things happen (see setup)."""
 
-    # Data: micro-batches per step first (the reader needs them), then the vocabulary: the tokenizer's, padded to
-    # 128 * tp, unless --vocab_size says otherwise or a resumed checkpoint has its own.
+
+def open_data(cfg, opts, dist):
+    """The batch reader, and the micro-batches per step it needs (batch_tokens over micro_batch x seq_len x dp)."""
     tokens_per_micro = cfg.micro_batch * cfg.seq_len * dist.dp  # one micro-batch on every data-parallel rank
     if cfg.batch_tokens % tokens_per_micro:
         raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len * dp = "
                         f"{cfg.micro_batch} * {cfg.seq_len} * {dist.dp} = {tokens_per_micro:,}.\nHINT: set "
                         f"--batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
-    grad_accum = cfg.batch_tokens // tokens_per_micro
     try:
         val_fraction = float(opts["val_fraction"] or 0.01)
     except ValueError:
         raise UserError(f"--val_fraction takes a number, got {opts['val_fraction']!r}.") from None
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
-                   accum=grad_accum, pin_memory=device.type == "cuda",  # pinned: train_step's copies overlap
+                   accum=cfg.batch_tokens // tokens_per_micro,
+                   pin_memory=dist.device.type == "cuda",  # pinned: train_step's copies overlap
                    tokenizer=opts["tokenizer"], val_data=opts["val_data"], val_fraction=val_fraction)
-    tokenizer = data.tokenizer
-    saved = saved_vocab_size(out) if flags["resume"] and "vocab_size" not in overrides else None
+    return data, cfg.batch_tokens // tokens_per_micro
+
+
+def size_vocab(cfg, tokenizer, out, resumed, given):
+    """The model's vocabulary: the tokenizer's, padded to 128 * tp, unless --vocab_size says otherwise (given) or a
+    resumed checkpoint has its own."""
+    saved = saved_vocab_size(out) if resumed and not given else None
     if saved and saved % cfg.tp == 0:  # resumed, perhaps at another tp: the checkpoint's padding stays
         cfg.vocab_size = saved
-    elif "vocab_size" not in overrides or cfg.vocab_size == 0:  # 0: from the data (model.Config)
+    elif not given or cfg.vocab_size == 0:  # 0: from the data (model.Config)
         cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
     elif cfg.vocab_size < tokenizer["n_vocab"]:
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"
                         f" tokens).\nHINT: drop --vocab_size, or prepare the data with the model's tokenizer.")
+
+
+def setup(opts, flags, overrides):
+    """Config, processes, data, vocabulary, the output directory, model and optimizer, resume, the run's records."""
+    r = Run()
+    r.cfg = cfg = make_config(opts["preset"], **overrides)
+    r.out = out = opts["out"]
+    r.dist = dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface)
+    resolve_dtype(cfg, dist.device)  # "auto" becomes the device's dtype
+    r.data, r.grad_accum = open_data(cfg, opts, dist)
+    size_vocab(cfg, r.data.tokenizer, out, flags["resume"], "vocab_size" in overrides)
     # Only now touch --out: a mistake above must not cost the earlier run.
     prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)
     if dist.rank == 0:
-        save_copy(data.tokenizer_spec, tokenizer, out)  # beside the checkpoints, for sample.py
-
-    model, opt, reducer, clip_params = build(cfg, dist)
-    scaler = LossScaler(enabled=cfg.dtype == "fp16")
-
-    step = resume(out, model, opt, scaler, cfg, tokenizer, dist) if flags["resume"] else 0
+        save_copy(r.data.tokenizer_spec, r.data.tokenizer, out)  # beside the checkpoints, for sample.py
+    r.model, r.opt, r.reducer, r.clip_params = build(cfg, dist)
+    r.scaler = LossScaler(enabled=cfg.dtype == "fp16")
+    r.step = resume(out, r.model, r.opt, r.scaler, cfg, r.data.tokenizer, dist) if flags["resume"] else 0
     tensorboard = cfg.tensorboard and (True if "tensorboard" in overrides else None)  # None: if installed
-    metrics = Metrics(out, step, enabled=dist.rank == 0, tensorboard=tensorboard)
-    score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
-    if step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
+    r.metrics = Metrics(out, r.step, enabled=dist.rank == 0, tensorboard=tensorboard)
+    r.score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
+    if r.step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"preset": opts["preset"], **asdict(cfg), "data": absolute(opts["data"]),
-                       "val_data": absolute(opts["val_data"]), "tokenizer": data.tokenizer_spec}, f, indent=1)
+                       "val_data": absolute(opts["val_data"]), "tokenizer": r.data.tokenizer_spec}, f, indent=1)
+    announce(opts["preset"], r)
+    r.console = Console(cfg, r.step, enabled=dist.rank == 0)  # a bar on a terminal, plain lines in a batch log
+    r.peak, r.flops = peak_flops(cfg, dist.device), flops_per_token(cfg)
+    return r
 
-    n_params = sum(p.numel() for p in model.parameters())
-    peak, flops = peak_flops(cfg, device), flops_per_token(cfg)
-    dist.print0(f"model {opts['preset']}: {n_params:,} params on each of {dist.tp} tp ranks, vocab {cfg.vocab_size:,}, "
-                f"{cfg.dtype} on {device}; world {dist.world} = tp {dist.tp} x dp {dist.dp}; {cfg.batch_tokens:,} "
-                f"tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches x {dist.dp} dp")
+
+def announce(preset, r):
+    cfg, dist = r.cfg, r.dist
+    n_params = sum(p.numel() for p in r.model.parameters())
+    dist.print0(f"model {preset}: {n_params:,} params on each of {dist.tp} tp ranks, vocab {cfg.vocab_size:,}, "
+                f"{cfg.dtype} on {dist.device}; world {dist.world} = tp {dist.tp} x dp {dist.dp}; "
+                f"{cfg.batch_tokens:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {r.grad_accum} micro-batches "
+                f"x {dist.dp} dp")
     features = [name for name, on in (("sequence parallel", cfg.sp),
                                       (f"recompute {cfg.recompute}", cfg.recompute != "none"), ("ZeRO-1", cfg.zero1),
                                       ("compiled", cfg.compile)) if on]
@@ -309,62 +324,72 @@ def train(argv):
         dist.print0("with " + ", ".join(features))
     if cfg.sequence_parallel and dist.tp == 1:
         dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
-    console = Console(cfg, step, enabled=dist.rank == 0)  # a bar on a terminal, plain lines in a batch log
 
-    def evaluate():  # every rank evaluates the same windows, so every rank gets the same number
-        model.eval()
-        with torch.no_grad():
-            losses = [model(x.to(device), y.to(device))[1].item() for x, y in data.val_batches(cfg.eval_batches)]
-        model.train()
-        return sum(losses) / len(losses)
 
+def evaluate(r):
+    """The mean validation loss over cfg.eval_batches fixed micro-batches: every rank evaluates the same windows,
+    so every rank gets the same number."""
+    r.model.eval()
+    with torch.no_grad():
+        losses = [r.model(x.to(r.dist.device), y.to(r.dist.device))[1].item()
+                  for x, y in r.data.val_batches(r.cfg.eval_batches)]
+    r.model.train()
+    return sum(losses) / len(losses)
+
+
+def train(argv):
+    opts, flags, overrides = parse_args(argv)
+    if flags["plan"]:
+        return plan_from_args(opts, flags, overrides)
+    r = setup(opts, flags, overrides)
+    cfg, dist, metrics, console, score, step = r.cfg, r.dist, r.metrics, r.console, r.score, r.step
     ran_steps = step < cfg.max_steps
-    # signals, --time_limit_min, divergence (runtime/stopping.py)
-    stopping = Stopping(cfg, dist, last_ckpt=step or None)
-    ckpt_path = lambda s: os.path.join(out, ckpt_name(s, dist.tp, dist.tp_rank))  # noqa: E731
+    stopping = Stopping(cfg, dist, last_ckpt=step or None)  # signals, --time_limit_min, divergence
+    ckpt_path = lambda s: os.path.join(r.out, ckpt_name(s, dist.tp, dist.tp_rank))  # noqa: E731
     while step < cfg.max_steps:
         step += 1
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
+        for group in r.opt.param_groups:
             group["lr"] = lr
-        loss, grad_norm, finite = train_step(model, opt, reducer, scaler, clip_params, grad_accum, cfg,
-                                             dist, lambda micro: data.train_batch(step, micro))
+        loss, grad_norm, finite = train_step(r.model, r.opt, r.reducer, r.scaler, r.clip_params, r.grad_accum, cfg,
+                                             dist, lambda micro: r.data.train_batch(step, micro))
         if dist.dp > 1:  # for the log: the mean loss over the whole global batch
             torch.distributed.all_reduce(loss, group=dist.dp_group)
         loss = loss.item() / dist.dp  # .item() waits for the device, so the time below is honest
         dt = time.perf_counter() - t0
         tok_s = cfg.batch_tokens / dt
-        mfu = flops * tok_s / (peak * dist.world) if peak else None
+        mfu = r.flops * tok_s / (r.peak * dist.world) if r.peak else None
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             metrics.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step * cfg.batch_tokens,
-                        tokens_per_s=tok_s, mfu=mfu, loss_scale=scaler.scale, skipped=not finite,
+                        tokens_per_s=tok_s, mfu=mfu, loss_scale=r.scaler.scale, skipped=not finite,
                         elapsed_s=score.elapsed())
         console.step(step, loss, lr, grad_norm, tok_s, mfu)
         stopping.check_divergence(step, loss, finite, ckpt_path)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val_loss = evaluate()
+            val_loss = evaluate(r)
             metrics.log(step=step, val_loss=val_loss)
             console.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
             score.evaluated(step, step * cfg.batch_tokens, val_loss, metrics, console)
         requeue = stopping.requeue_reason(dt) if step < cfg.max_steps else None  # the same on every rank
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps or requeue:
             t0 = time.perf_counter()
-            save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=stopping.protect)
+            save_checkpoint(r.out, step, r.model, r.opt, r.scaler, cfg, r.data.tokenizer, dist,
+                            protect=stopping.protect)
             stopping.saved(step, time.perf_counter() - t0)
         if requeue:
-            console.close()
-            metrics.close()
-            stopping.requeue(step, requeue, out)
+            break
     console.close()
     metrics.close()
-    if ran_steps:
+    if step < cfg.max_steps:  # stopped by a signal or the time limit, after a checkpoint
+        stopping.requeue(step, requeue, r.out)
+    elif ran_steps:
         dist.print0(score.summary(step * cfg.batch_tokens, val_loss))
         dist.print0(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data "
-                    f"{data.unigram_entropy():.4f} (the best loss without context). Checkpoints in {out}")
+                    f"{r.data.unigram_entropy():.4f} (the best loss without context). Checkpoints in {r.out}")
     else:
-        dist.print0(f"nothing to do: {out} is already at step {step} = max_steps")
-    return model
+        dist.print0(f"nothing to do: {r.out} is already at step {step} = max_steps")
+    return r.model
 
 
 def main(argv=None):
