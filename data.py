@@ -107,6 +107,13 @@ class TokenShards:
                 mm.madvise(mmap.MADV_DONTNEED)
 
 
+def apportion(weights, n):
+    """n split into integer counts in proportion to weights (summing to 1): floors, then the largest remainders."""
+    counts = np.floor(weights * n).astype(np.int64)
+    counts[np.argsort(-(weights * n - counts), kind="stable")[:n - counts.sum()]] += 1
+    return counts
+
+
 class Blend:
     """Grids drawn with fixed probabilities (Megatron's weighted --data-path). Position g of the endless training
     stream belongs to one grid by a fixed schedule that repeats every PERIOD positions: grid i takes count_i =
@@ -122,8 +129,7 @@ class Blend:
             self.weights = np.ones(1)
             return
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        counts = np.floor(w * self.PERIOD).astype(np.int64)
-        counts[np.argsort(-(w * self.PERIOD - counts), kind="stable")[:self.PERIOD - counts.sum()]] += 1
+        counts = apportion(w, self.PERIOD)
         if (counts == 0).any():
             raise UserError(f"blend weight of {names[int(np.argmin(counts))]} is below 1/{self.PERIOD:,} of the "
                             f"total: it would never be drawn.\nHINT: raise it, or leave that dataset out.")
@@ -147,8 +153,7 @@ class Blend:
 
     def spread(self, n):
         """n (grid, window) pairs spread evenly over the grids, in proportion to their weights: validation."""
-        counts = np.floor(self.weights * n).astype(np.int64)
-        counts[np.argsort(-(self.weights * n - counts), kind="stable")[:n - counts.sum()]] += 1
+        counts = apportion(self.weights, n)
         grid = np.repeat(np.arange(len(self.grids)), counts)
         ids = np.concatenate([np.linspace(0, g.n - 1, c).astype(np.int64) for g, c in zip(self.grids, counts)])
         return grid, ids

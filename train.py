@@ -257,15 +257,15 @@ def open_data(cfg, opts, dist):
                         f"{cfg.micro_batch} * {cfg.seq_len} * {dist.dp} = {tokens_per_micro:,}.\nHINT: set "
                         f"--batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
+    grad_accum = cfg.batch_tokens // tokens_per_micro
     try:
         val_fraction = float(opts["val_fraction"] or 0.01)
     except ValueError:
         raise UserError(f"--val_fraction takes a number, got {opts['val_fraction']!r}.") from None
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
-                   accum=cfg.batch_tokens // tokens_per_micro,
-                   pin_memory=dist.device.type == "cuda",  # pinned: train_step's copies overlap
+                   accum=grad_accum, pin_memory=dist.device.type == "cuda",  # pinned: train_step's copies overlap
                    tokenizer=opts["tokenizer"], val_data=opts["val_data"], val_fraction=val_fraction)
-    return data, cfg.batch_tokens // tokens_per_micro
+    return data, grad_accum
 
 
 def size_vocab(cfg, tokenizer, out, resumed, given):

@@ -121,6 +121,11 @@ def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
     return r["mfu"], f"projected by bench/roofline.py for {key}, {r['assumes'].split(':')[0]} kernels"
 
 
+def gpu_dtype(cfg, gpu):
+    """The dtype a run on this GPU uses: --dtype, or for "auto" fp16 on V100 (no bf16) and bf16 elsewhere."""
+    return cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
+
+
 def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
     """The tp x dp (x ZeRO-1) splits of `gpus` GPUs that fit in mem_gb, as bench/layouts.py enumerates them, fastest
     first by bench/roofline.py's projection (rank_by_speed; a few seconds each), else smallest tp first."""
@@ -130,7 +135,7 @@ def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
     for tp, dp, zero1 in candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
         over = {**overrides, "tp": tp, "zero1": zero1, "sequence_parallel": tp > 1}
         cfg = make_config(preset, **over)
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
+        dtype = gpu_dtype(cfg, gpu)
         need = estimate(cfg, tp, dp, dtype)["total_bytes"] / 1e9
         if need + SLACK_GB <= mem_gb:
             if rank_by_speed:
@@ -154,7 +159,7 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
         known = sorted({name for name, _ in GPU_MEM_GB + PEAK_TFLOPS})
         raise UserError(f"--gpu {gpu!r} is not a GPU tools/plan.py knows: {', '.join(known)}.\nHINT: one of those, or "
                         f"describe yours with --gpu_mem GB and --peak_tflops TFLOPS.")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
+    dtype = gpu_dtype(cfg, gpu)
     mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)
     peak = cfg.peak_tflops or (lookup(PEAK_TFLOPS, gpu) or {}).get(dtype)
     e = estimate(cfg, tp, dp, dtype)
