@@ -10,7 +10,9 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from mixed_precision import grad_of
-from parallel import Pending, all_reduce, gather_into, scatter_sum_into, sync_sequence_parallel_grads, wait
+from parallel import all_reduce, sync_sequence_parallel_grads
+from runtime.checkpoint import load_zero1_state_dict, zero1_state_dict
+from runtime.collectives import Pending, gather_into, scatter_sum_into, wait
 
 
 def adamw(groups, **hyper):
@@ -246,50 +248,9 @@ class ZeroAdamW:
             for p in b.params:
                 p.grad = None
 
-    def _full(self, b, key):
-        """A moment of bucket b's flat buffer at full size (a collective: every dp rank must call it)."""
-        mine = self.inner.state[b.shard][key] if b.shard in self.inner.state else torch.zeros_like(b.shard)
-        full = torch.empty_like(b.flat)
-        if self.dist.dp > 1:
-            tdist.all_gather(list(full.chunk(self.dist.dp)), mine.detach().clone(), group=self.dist.dp_group)
-        else:
-            full.copy_(mine)
-        return full
-
     def state_dict(self):
-        """torch.optim.AdamW's format for the original parameters, in the original groups' order."""
-        index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
-        state = {}
-        for b in self.buckets:
-            if b.shard not in self.inner.state:
-                continue
-            step = self.inner.state[b.shard]["step"]
-            moments = {k: self._full(b, k) for k in ("exp_avg", "exp_avg_sq")}
-            for p, o in zip(b.params, b.offsets):
-                state[index[id(p)]] = {"step": step.clone(), **{k: m[o:o + p.numel()].view_as(p).clone()
-                                                                for k, m in moments.items()}}
-        groups = []
-        for g in self.groups:
-            groups.append({**{k: v for k, v in self.param_groups[0].items() if k != "params"},
-                           "weight_decay": g["weight_decay"], "params": [index[id(p)] for p in g["params"]]})
-        return {"state": state, "param_groups": groups}
+        """torch.optim.AdamW's format, moments gathered to full size (a collective): runtime/checkpoint.py."""
+        return zero1_state_dict(self)
 
     def load_state_dict(self, sd):
-        """Take this rank's slice of every moment from a plain AdamW state_dict."""
-        index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
-        D, d = self.dist.dp, self.dist.dp_rank
-        for b in self.buckets:
-            ids = [index[id(p)] for p in b.params]
-            if not all(i in sd["state"] for i in ids):
-                continue
-            size = b.flat.numel() // D
-            st = {}
-            for k in ("exp_avg", "exp_avg_sq"):
-                full = torch.zeros_like(b.flat)
-                for p, o, i in zip(b.params, b.offsets, ids):
-                    full[o:o + p.numel()].copy_(sd["state"][i][k].reshape(-1))
-                st[k] = full[d * size:(d + 1) * size].clone()
-            st["step"] = sd["state"][ids[0]]["step"].clone()
-            self.inner.state[b.shard] = st
-        for group, saved in zip(self.param_groups, [sd["param_groups"][b.group] for b in self.buckets]):
-            group.update({k: v for k, v in saved.items() if k not in ("params", "weight_decay")})
+        load_zero1_state_dict(self, sd)

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 from runtime.errors import require
 
@@ -27,7 +28,7 @@ require("torch")  # a clear hint when run outside .venv
 import torch
 
 from runtime.checkpoint import config_of, consolidated, run_tokenizer
-from dataprep.tokenizer import copy_spec
+from dataprep.tokenizer import copy_spec, hf_tokenizer
 from runtime.errors import UserError
 from runtime.mpi import run_or_abort
 
@@ -65,35 +66,8 @@ def gpt2_config(cfg, eot, dtype):
             "n_inner": cfg.ffn_hidden, "activation_function": "gelu", "layer_norm_epsilon": cfg.layernorm_eps,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
             "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eot,
-            "eos_token_id": eot, "torch_dtype": name, "dtype": name}  # transformers 4 reads torch_dtype, 5 dtype
-
-
-def hf_tokenizer(enc, eot):
-    """The tiktoken encoding as a `tokenizers` byte-level BPE with the same ids. tiktoken keeps only ranks; a BPE
-    needs merges: each token of two or more bytes is the merge of the split whose halves are both tokens, the
-    earliest-ranked such pair (the merge BPE learned). ignore_merges=True makes a piece that is itself a token one
-    token, as tiktoken does."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    from dataprep.tokenizer import _byte_alphabet
-    to_char = {b: c for c, b in _byte_alphabet().items()}
-    text = lambda bs: "".join(to_char[b] for b in bs)  # noqa: E731
-    ranks = enc._mergeable_ranks
-    vocab = {text(bs): rank for bs, rank in ranks.items()}
-    merges = []
-    for bs, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        splits = [(max(ranks[bs[:i]], ranks[bs[i:]]), bs[:i], bs[i:]) for i in range(1, len(bs))
-                  if bs[:i] in ranks and bs[i:] in ranks and max(ranks[bs[:i]], ranks[bs[i:]]) < rank]
-        if splits:
-            _, a, b = min(splits)
-            merges.append((text(a), text(b)))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([enc.decode([eot])])
-    return tok
+            "eos_token_id": eot, "torch_dtype": name, "dtype": name,  # transformers 4 reads torch_dtype, 5 dtype
+            "nanoyuan_model_config": asdict(cfg)}  # the ModelConfig itself, for a way back
 
 
 def write_weights(state, to, dtype):
@@ -149,7 +123,7 @@ def export(out, to, step=None, dtype="fp32"):
         print("note: the yuan: tokenizer (jieba, then Yuan's pieces) has no tokenizer.json form; vocab.txt is in the "
               "export: encode with nanoyuan's dataprep/tokenizer.py (YuanTokenizer) or Yuan 1.0's EncDecTokenizer.")
     else:
-        hf = hf_tokenizer(enc, tok["eot"]) if kind == "tiktoken" else enc.exported()
+        hf = hf_tokenizer(enc, tok["eot"]) if kind == "tiktoken" else enc.exported()  # dataprep/tokenizer.py
         hf.save(os.path.join(to, "tokenizer.json"))
         eot_text = enc.decode([tok["eot"]])
         with open(os.path.join(to, "tokenizer_config.json"), "w") as f:

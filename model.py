@@ -10,7 +10,7 @@ word embedding (`wte`, also the LM head). `python model.py` prints the presets w
 """
 import math
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,9 @@ from recompute import checkpoint
 
 
 @dataclass
-class Config:
-    # --- model ---
+class ModelConfig:
+    """The network: exactly the fields that rebuild it (a checkpoint, sample.py and export.py carry these). The run's
+    fields (schedule, precision, process layout) are runtime/config.py's TrainConfig."""
     n_layer: int = 2  # transformer blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # hidden size h
@@ -35,125 +36,33 @@ class Config:
     dropout: float = 0.0  # dropout on attention probabilities and residual branches
     layernorm_eps: float = 1e-5  # LayerNorm epsilon
     init_std: float = 0.02  # N(0, init_std) init; output projections get init_std / sqrt(2 * n_layer)
-    # --- training ---
-    max_steps: int = 200  # optimizer steps
-    batch_tokens: int = 8192  # global batch per optimizer step, in tokens (= micro_batch * seq_len * grad accum)
-    micro_batch: int = 8  # sequences per forward/backward
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20  # linear warm-up steps
-    lr_decay_steps: int = 0  # cosine length in steps; 0 means max_steps
-    weight_decay: float = 0.1  # AdamW decay on matrices and embeddings only
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
-    dtype: str = "auto"  # bf16 | fp16 | fp32 | auto (bf16 on GPU, fp16 if it lacks bf16, fp32 on CPU)
-    seed: int = 1234  # model init, dropout and data order
-    eval_interval: int = 50  # evaluate on the val shards every N steps (and after the last)
-    eval_batches: int = 8  # micro-batches per evaluation
-    target_loss: float = 0.0  # record when the val loss first reaches this (ASC22's accuracy condition); 0: none
-    log_interval: int = 1  # training rows in metrics.jsonl every N steps
-    tensorboard: bool = True  # TensorBoard events in OUT/tensorboard (when the tensorboard package is installed)
-    ckpt_interval: int = 100  # checkpoint every N steps (and after the last)
-    keep_ckpts: int = 2  # how many recent checkpoints to keep
-    time_limit_min: float = 0.0  # checkpoint and exit (code 75) before this many minutes of wall time; 0: no limit
-    signal_grace_s: float = 5.0  # a stop signal this soon after the first is its copy; later, it means: exit now
-    max_skipped_steps: int = 25  # stop after this many consecutive steps skipped for non-finite gradients
-    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
-    device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
-    # --- parallelism (parallel.py, data_parallel.py) ---
-    collective_timeout_s: float = 300.0  # a rank that does not arrive in a collective this long ends the job
-    iface: str = ""  # interface between hosts (ib0, eth1); empty: the one reaching rank 0 (runtime/rendezvous.py)
-    tp: int = 1  # tensor-parallel size: ranks that split every layer (consecutive ranks, keep them in one node)
-    sequence_parallel: bool = False  # with tp > 1: LayerNorm/dropout activations split over the tp group along T
-    overlap: bool = True  # tp matmuls as one step: f's backward collective overlapped, wgrad into main_grad
-    bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size, MB of fp32 gradients
-    # --- memory (tools/plan.py estimates what each costs and saves) ---
-    recompute: str = "none"  # activation recomputation: none | selective (core attention) | full (every block)
-    zero1: bool = False  # shard the AdamW state over the data-parallel group (ZeRO stage 1)
-    # --- speed ---
-    compile: bool = False  # torch.compile each block (the first steps are slow while it compiles)
 
     def __post_init__(self):
         if self.ffn_hidden == 0:
             self.ffn_hidden = 4 * self.n_embd
-        for name in ("n_layer", "n_head", "n_embd", "seq_len", "max_steps", "batch_tokens", "micro_batch",
-                     "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_ckpts",
-                     "max_skipped_steps"):
+        for name in ("n_layer", "n_head", "n_embd", "seq_len"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} = {getattr(self, name)} must be at least 1.")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "init_std", "layernorm_eps", "time_limit_min",
-                     "signal_grace_s", "collective_timeout_s", "target_loss"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise UserError(f"{name} = {value} must be a finite number, at least 0.")
-        if self.collective_timeout_s <= 0:
-            raise UserError(f"collective_timeout_s = {self.collective_timeout_s} must be positive (seconds).")
-        if self.tp < 1:
-            raise UserError(f"tp = {self.tp} must be at least 1.")
-        if self.n_head % self.tp or self.ffn_hidden % self.tp:
-            raise UserError(f"n_head = {self.n_head} and ffn_hidden = {self.ffn_hidden} must both be divisible by "
-                            f"tp = {self.tp}.\nHINT: pick --tp among their common divisors (yuan-4.7b: 1, 2, 4, 8).")
+        for name in ("init_std", "layernorm_eps"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise UserError(f"{name} = {getattr(self, name)} must be a finite number, at least 0.")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd = {self.n_embd} is not divisible by n_head = {self.n_head}.\n"
                             f"HINT: pick n_head among the divisors of {self.n_embd}, or change n_embd.")
         if self.vocab_size % 128:
             raise UserError(f"vocab_size = {self.vocab_size} is not a multiple of 128.\n"
                             f"HINT: use {pad_vocab(self.vocab_size)} (padding rows are never produced by the data).")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise UserError(f"dtype = {self.dtype!r} is not one of auto, bf16, fp16, fp32.")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout = {self.dropout} must be in [0, 1).")
-        if self.sequence_parallel and self.seq_len % self.tp:
-            raise UserError(f"sequence_parallel splits seq_len = {self.seq_len} over tp = {self.tp} ranks: it must be "
-                            f"divisible.\nHINT: pick --seq_len a multiple of {self.tp}, or --sequence_parallel false.")
-        if self.recompute not in ("none", "selective", "full"):
-            raise UserError(f"recompute = {self.recompute!r} is not one of none, selective, full.")
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
 
-    @property
-    def sp(self):
-        """Sequence parallelism in effect: asked for, and a tensor-parallel group to split the sequence over."""
-        return self.sequence_parallel and self.tp > 1
-
-
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "ffn_hidden", "seq_len", "vocab_size", "layernorm_eps")
-
-PRESETS = {
-    # vocab_size 0 = from the data; the counts in the comments use the vocabulary given here.
-    "tiny": dict(n_layer=4, n_head=6, n_embd=192, seq_len=128, vocab_size=4096,  # 2,590,848 params
-                 micro_batch=8, batch_tokens=1024, lr=2e-3, warmup_steps=50, max_steps=1000,
-                 eval_interval=200, eval_batches=32, ckpt_interval=500),  # `make demo`: ~6 min on 2 CPU cores
-    "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50304,  # 124,475,904 params
-                  micro_batch=8, batch_tokens=524288, lr=6e-4, warmup_steps=700, max_steps=19000,
-                  eval_interval=500, ckpt_interval=1000),
-    "1.3b": dict(n_layer=24, n_head=16, n_embd=2048, seq_len=2048, vocab_size=53248,  # 1,321,848,832 params
-                 micro_batch=4, batch_tokens=1048576, lr=2e-4, warmup_steps=500, max_steps=1000,
-                 eval_interval=100, ckpt_interval=200),
-    # ASC22: 40 layers, hidden 3072, 24 heads, FFN 12288, sequence 2048, Yuan's 53,228 tokens padded to 53,248.
-    # 1B tokens at 1M tokens per step = ~954 steps. Training fields after Yuan's published recipe
-    # (Shawn-IEITSystems/Yuan-1.0, src/pretrain_yuan_13B.sh): --weight-decay 0.01, --init-method-std 0.002,
-    # --adam-beta2 0.95 and --clip-grad 1.0 (train.py's AdamW and grad_clip already), --min-lr = lr / 10 (min_lr_ratio).
-    "yuan-4.7b": dict(n_layer=40, n_head=24, n_embd=3072, ffn_hidden=12288, seq_len=2048,  # 4,701,321,216 params
-                      vocab_size=53248, micro_batch=1, batch_tokens=1048576, lr=1.6e-4, warmup_steps=100,
-                      max_steps=954, eval_interval=100, ckpt_interval=100, weight_decay=0.01, init_std=0.002),
-}
-
 
 def pad_vocab(n, multiple=128):
     """Round a tokenizer's vocabulary up to a multiple of 128 (Megatron pads so the matmul tiles evenly)."""
     return -(-n // multiple) * multiple
-
-
-def make_config(preset, **overrides):
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}. Presets: {', '.join(PRESETS)}.")
-    valid = {f.name for f in fields(Config)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise UserError(f"unknown Config field(s) {unknown}. Valid: {', '.join(sorted(valid))}.")
-    return Config(**{**PRESETS[preset], **overrides})
 
 
 def count_params(cfg):
@@ -191,13 +100,13 @@ class Attention(nn.Module):
     """Causal self-attention. Under tensor parallelism each rank owns n_head / tp whole heads: the QKV projection is
     column-split (its output columns are grouped per head), the output projection row-split."""
 
-    def __init__(self, cfg, dist):
+    def __init__(self, cfg, dist, sp, overlap, recompute):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // cfg.tp, cfg.head_dim, cfg.dropout, dist
-        self.recompute, sp = cfg.recompute == "selective", cfg.sp
+        self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // dist.tp, cfg.head_dim, cfg.dropout, dist
+        self.recompute = recompute == "selective"
         # fused Q, K, V of this rank's heads; the output projection, its partial sums reduced
-        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist, sp, cfg.overlap)
-        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist, sp, cfg.overlap)
+        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist, sp, overlap)
+        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist, sp, overlap)
         self.resid_drop = Dropout(cfg.dropout, dist, sp)
 
     def core(self, qkv):
@@ -235,11 +144,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, dist):
+    def __init__(self, cfg, dist, sp, overlap):
         super().__init__()
-        sp = cfg.sp
-        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist, sp, cfg.overlap)  # up
-        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist, sp, cfg.overlap)  # down
+        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist, sp, overlap)  # up
+        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist, sp, overlap)  # down
         self.drop = Dropout(cfg.dropout, dist, sp)
 
     def forward(self, x):  # [B, T, C] -> [B, T, F/tp] -> [B, T, C]  (sequence parallel: T/tp outside)
@@ -249,12 +157,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg, dist):
+    def __init__(self, cfg, dist, sp, overlap, recompute):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.attn = Attention(cfg, dist)
+        self.attn = Attention(cfg, dist, sp, overlap, recompute)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.mlp = MLP(cfg, dist)
+        self.mlp = MLP(cfg, dist, sp, overlap)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
@@ -262,36 +170,43 @@ class Block(nn.Module):
 
 
 class Yuan(nn.Module):
-    def __init__(self, cfg, dist=None):
+    """cfg: the ModelConfig. How the network is laid out on the processes, which changes no result: dist (the
+    tensor-parallel group that splits every layer), sequence_parallel, overlap (parallel.py) and recompute (none |
+    selective | full); seed draws the initial weights."""
+
+    def __init__(self, cfg, dist=None, sequence_parallel=False, overlap=True, recompute="none", seed=1234):
         super().__init__()
         if cfg.vocab_size < 1:
             raise UserError("vocab_size is not set: pass --vocab_size N or let train.py take it from the data.")
         self.cfg, self.dist = cfg, dist or Dist()
-        if self.dist.tp != cfg.tp:
-            raise UserError(f"config tp = {cfg.tp} but the process layout has tp = {self.dist.tp}.")
-        self.sp = cfg.sp
+        tp = self.dist.tp
+        if cfg.n_head % tp or cfg.ffn_hidden % tp:
+            raise UserError(f"n_head = {cfg.n_head} and ffn_hidden = {cfg.ffn_hidden} must both be divisible by "
+                            f"tp = {tp}.")
+        self.sp, self.recompute = sequence_parallel and tp > 1, recompute
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist, self.sp)  # also the LM head (tied)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions (replicated)
         self.drop = Dropout(cfg.dropout, self.dist, self.sp)
-        self.blocks = nn.ModuleList(Block(cfg, self.dist) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, self.dist, self.sp, overlap, recompute) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.init_weights()
+        self.overlap = overlap
+        self.init_weights(seed)
         if self.sp:  # every replicated parameter now sees only this rank's tokens: its gradient is summed over tp
             for p in self.parameters():  # (parallel.sync_sequence_parallel_grads, called by the gradient reducer)
                 p.sequence_parallel = not getattr(p, "tp_sharded", False)
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, seed):
         """Megatron's init: weights ~ N(0, 0.02), the two residual-output projections scaled by 1/sqrt(2L)
         (GPT-2 paper, section 2.3), biases zero, LayerNorm gain one. Every matrix is drawn whole from a generator
         seeded by (seed, its name) and then sliced, so the model at any tensor-parallel size starts identical."""
         out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
         for name, m in self.named_modules():
-            seed = self.cfg.seed * 1_000_003 + zlib.crc32(name.encode())
+            drawn = seed * 1_000_003 + zlib.crc32(name.encode())
             if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-                m.reset_parameters(out_std if name.endswith("proj") else self.cfg.init_std, seed)
+                m.reset_parameters(out_std if name.endswith("proj") else self.cfg.init_std, drawn)
             elif isinstance(m, nn.Embedding) and not m.weight.is_meta:
-                m.weight.copy_(full_normal(m.weight.shape, self.cfg.init_std, seed))
+                m.weight.copy_(full_normal(m.weight.shape, self.cfg.init_std, drawn))
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -314,10 +229,10 @@ class Yuan(nn.Module):
             if cache is not None:
                 x = block(x, cache[i])
             else:
-                x = checkpoint(block, self.dist, x) if self.cfg.recompute == "full" and self.training else block(x)
+                x = checkpoint(block, self.dist, x) if self.recompute == "full" and self.training else block(x)
         x = self.ln_f(x)
         # the tied head: [B, T, V/tp]
-        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp, self.cfg.overlap)
+        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp, self.overlap)
         if targets is None:
             return logits, None
         loss = vocab_parallel_cross_entropy(logits.view(B * T, -1), targets.reshape(-1), self.dist, self.wte.start)
@@ -378,6 +293,7 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 if __name__ == "__main__":
+    from runtime.config import PRESETS, make_config
     print(f"{'preset':<10} {'layers':>6} {'hidden':>6} {'heads':>5} {'ffn':>6} {'seq':>5} {'vocab':>6} "
           f"{'parameters':>15} {'GFLOP/token':>11}")
     for name in PRESETS:

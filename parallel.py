@@ -1,12 +1,11 @@
 """Megatron-style tensor- and sequence-parallel layers, written by hand. (The process layout and its start-up are
 distributed.py; keeping the data-parallel replicas in step, gradient reduction and ZeRO-1, data_parallel.py; the
-dropout generator of each tensor-parallel rank and recomputation, recompute.py.)
+dropout generator of each tensor-parallel rank and recomputation, recompute.py; collectives with a deadline,
+runtime/collectives.py.)
 
 Every layer here is tested against the unsharded computation under `mpiexec` (tests/test_parallel.py). At
 tensor-parallel size 1 the collectives are skipped and the layers are plain nn.Linear / nn.Embedding arithmetic.
 """
-import datetime
-
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from runtime.errors import UserError
 from mixed_precision import accumulate_wgrad, grad_of
+from runtime.collectives import Pending, gather_into, scatter_sum_into
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -33,48 +33,10 @@ from mixed_precision import accumulate_wgrad, grad_of
 # backward collective overlapped with the weight gradient and that gradient added straight into main_grad.
 
 
-class Pending:
-    """A collective in flight: wait() blocks until it is done and returns its result. It waits at most
-    dist.timeout_s (--collective_timeout_s): an asynchronous gloo collective would otherwise wait forever for a rank
-    that hangs."""
-
-    def __init__(self, work, result, dist=None):
-        self.work, self.result, self.dist = work, result, dist
-
-    def wait(self):
-        if self.work is not None:
-            wait(self.work, self.dist)
-        return self.result()
-
-
-def wait(work, dist):
-    """work.wait(), bounded by the collective timeout of dist's process layout."""
-    if dist is None:
-        return work.wait()
-    return work.wait(timeout=datetime.timedelta(seconds=dist.timeout_s))
-
-
 def all_reduce(x, dist, async_op=False):
     """Sum of x over the tp group, in place."""
     work = tdist.all_reduce(x, group=dist.tp_group, async_op=async_op)
     return Pending(work, lambda: x, dist) if async_op else x
-
-
-# torch 2.13 names the single-buffer collectives all_gather_single / reduce_scatter_single and warns (FutureWarning)
-# on the older names, all_gather_into_tensor / reduce_scatter_tensor; older releases have only those: take the new.
-# Looked up by name at each call, so that a wrapper put on torch.distributed (bench/roofline.py's) sees the call.
-_GATHER = "all_gather_single" if hasattr(tdist, "all_gather_single") else "all_gather_into_tensor"
-_SCATTER = "reduce_scatter_single" if hasattr(tdist, "reduce_scatter_single") else "reduce_scatter_tensor"
-
-
-def gather_into(out, x, group, async_op=False):
-    """Every rank's x, in rank order, into the one buffer out along dim 0 (no list of tensors, so no copies)."""
-    return getattr(tdist, _GATHER)(out, x, group=group, async_op=async_op)
-
-
-def scatter_sum_into(out, x, group, async_op=False):
-    """The sum over ranks of x, of which this rank keeps block `rank` (along dim 0) in out."""
-    return getattr(tdist, _SCATTER)(out, x, group=group, async_op=async_op)
 
 
 def all_gather_seq(x, dist, async_op=False):
@@ -200,8 +162,7 @@ class ParallelMatmul(torch.autograd.Function):
                     computation (Megatron-LM's asynchronous tensor-parallel all-reduce): the input gradient is
                     computed first and its all-reduce (reduce-scatter, with sequence parallelism) travels while the
                     weight gradient is computed. Under sequence parallelism only the local slice of x is saved, and
-                    gathered again in backward while the input gradient is computed. The same arithmetic as f then
-                    F.linear (tests/mpi_tp_layers.py compares them).
+                    gathered again in backward while the input gradient is computed.
       main_grad     under master weights (mixed_precision.py) the weight gradient is added by the matmul itself
                     into the fp32 weight.main_grad (Megatron's gradient accumulation fusion); autograd gets a
                     placeholder. Only for weights marked fuse_wgrad: the tied embedding/head weight also gets the
@@ -280,6 +241,15 @@ def full_normal(shape, std, seed):
     return torch.empty(shape).normal_(0.0, std, generator=gen)
 
 
+@torch.no_grad()
+def init_shard(weight, std, seed, dist, dim):
+    """Draw the whole matrix from seed and keep this rank's slice: the model starts the same at any tp."""
+    if not weight.is_meta:
+        shape = list(weight.shape)
+        shape[dim] *= dist.tp
+        weight.copy_(shard(full_normal(shape, std, seed), dist, dim))
+
+
 def _sharded(shape, dim, dist):
     """An uninitialised parameter of this rank's slice of `shape`, marked so that gradient clipping sums it over
     the tensor-parallel group (see clip_grad_norm)."""
@@ -306,10 +276,8 @@ class ColumnParallelLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std, seed):
-        if not self.weight.is_meta:
-            full = full_normal((self.weight.size(0) * self.dist.tp, self.weight.size(1)), std, seed)
-            self.weight.copy_(shard(full, self.dist, 0))
-            self.bias.zero_()
+        init_shard(self.weight, std, seed, self.dist, 0)
+        self.bias.zero_()
 
     def forward(self, x):  # [B, T, C] replicated, or this rank's [B, T/tp, C] under sequence parallelism
         if self.overlap and overlap_helps(self.weight, self.dist, column=True):  # the same, as one step
@@ -334,10 +302,8 @@ class RowParallelLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std, seed):
-        if not self.weight.is_meta:
-            full = full_normal((self.weight.size(0), self.weight.size(1) * self.dist.tp), std, seed)
-            self.weight.copy_(shard(full, self.dist, 1))
-            self.bias.zero_()
+        init_shard(self.weight, std, seed, self.dist, 1)
+        self.bias.zero_()
 
     def forward(self, x):  # [B, T, in/tp]
         if self.overlap and overlap_helps(self.weight, self.dist, column=False):  # the weight gradient into main_grad
@@ -361,11 +327,8 @@ class VocabParallelEmbedding(nn.Module):
         self.start = dist.tp_rank * self.per_rank
         self.weight = _sharded((vocab_size, dim), 0, dist)
 
-    @torch.no_grad()
     def reset_parameters(self, std, seed):
-        if not self.weight.is_meta:
-            full = full_normal((self.weight.size(0) * self.dist.tp, self.weight.size(1)), std, seed)
-            self.weight.copy_(shard(full, self.dist, 0))
+        init_shard(self.weight, std, seed, self.dist, 0)
 
     def forward(self, idx):
         if self.dist.tp == 1:

@@ -34,7 +34,7 @@ def load_model(args):
     else:
         ckpt, where = consolidated(args.out, args.step)  # any tensor-parallel layout, merged
     enc, tok = run_tokenizer(os.path.dirname(args.ckpt) if args.ckpt else args.out, ckpt)
-    model = Yuan(replace(config_of(ckpt), dropout=0.0, tp=1, sequence_parallel=False))
+    model = Yuan(replace(config_of(ckpt), dropout=0.0))
     model.load_state_dict(ckpt["model"])
     return model.eval(), enc, tok, ckpt["step"], where
 

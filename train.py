@@ -5,17 +5,14 @@ runtime/checkpoint.py; metrics.jsonl and the output directory, runtime/run_dir.p
     python train.py --preset tiny --data out/data/sanguo --out out/tiny [--max-steps 300] [--resume] [--dtype fp32]
     python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--recompute full] [--json]
 
-Every Config field (see model.py) can be overridden as --FIELD VALUE (dashes or underscores).
+Every field of the model's ModelConfig (model.py) and the run's TrainConfig (runtime/config.py) can be set as
+--FIELD VALUE (dashes or underscores); the command line is read in runtime/config.py.
 """
-import difflib
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
-from dataclasses import asdict, fields
 
 from runtime.errors import require
 
@@ -27,103 +24,16 @@ from data_parallel import GradReducer, ZeroAdamW, adamw
 from distributed import init_distributed
 from runtime.errors import UserError
 from mixed_precision import LossScaler, MasterAdamW, use_master_weights
-from model import PRESETS, Config, Yuan, flops_per_token, make_config, pad_vocab
+from model import Yuan, flops_per_token, pad_vocab
+from runtime.config import make_config, parse_args, plan_from_args, record
 from runtime.mpi import run_or_abort
-from tools.plan import PEAK_TFLOPS, lookup, plan
+from tools.plan import PEAK_TFLOPS, lookup
 from runtime.checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
-from runtime.run_dir import Console, Metrics, Score, prepare_out_dir
+from runtime.run_dir import Console, Metrics, Score, announce, prepare_out_dir
 from runtime.stopping import Stopping
 from dataprep.tokenizer import save_copy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def usage():
-    """The module docstring, then every Config field with its type, default and the comment beside it in model.py."""
-    lines = [__doc__, "  --preset NAME      " + " | ".join(PRESETS), "  --data DIR         output of data.py prepare,"
-             " or a Megatron dataset:", "                     PREFIX (PREFIX.bin + .idx) or a blend \"W1 PREFIX1 W2 "
-             "PREFIX2 ...\"", "  --tokenizer SPEC   for a Megatron dataset: yuan:vocab.txt, bert:vocab.txt or a "
-             ".tiktoken", "  --val_data PREFIX  its validation data (else --val_fraction F of its sequences, "
-             "default 0.01)",
-             "  --out DIR          checkpoints, metrics.jsonl, config.json", "  --resume           continue from the "
-             "newest checkpoint in --out", "  --overwrite        delete the run in --out and start again",
-             "  --plan             print memory and time per GPU (tools/plan.py) and exit; with --json as JSON;",
-             "                     --gpus N, --gpu H100|H200|A100-40GB|V100-32GB|..., --gpu_mem GB, --mfu 0.45,",
-             "                     --tokens 1e9 describe the machine and the run", "",
-             "Config fields (defaults before the preset's values):"]
-    for line in inspect.getsource(Config).splitlines():
-        m = re.match(r"\s+(\w+): (\w+) = ([^#]+?)\s*(?:#\s*(.*))?$", line)
-        if m:
-            lines.append(f"  --{m[1]:<16} {m[2]:<5} {m[3]:<10} {m[4] or ''}")
-    return "\n".join(lines)
-
-
-def parse_bool(value):
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-FIELD_TYPES = {f.name: f.type for f in fields(Config)}
-
-
-def parse_field(name, value):
-    """A Config field's value from the command line, typed by the field (ValueError when it does not parse). The
-    benchmarks parse their Config overrides with it too."""
-    return parse_bool(value) if FIELD_TYPES[name] is bool else FIELD_TYPES[name](value)
-
-
-def parse_args(argv):
-    """--preset, --data, --out, --resume, --overwrite, then any Config field as --FIELD VALUE, typed by the field."""
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        sys.exit(0)
-    opts = {"preset": None, "data": None, "out": None, "gpus": None, "gpu": None, "gpu_mem": None, "mfu": None,
-            "tokens": None, "tokenizer": None, "val_data": None, "val_fraction": None}
-    flags = {"resume": False, "overwrite": False, "plan": False, "json": False}
-    overrides, types = {}, FIELD_TYPES
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}; options look like --FIELD VALUE.")
-        key, _, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key in flags:
-            flags[key] = True
-            i += 1
-            continue
-        if not value:
-            if i + 1 >= len(argv):
-                raise UserError(f"--{key} needs a value.")
-            value, i = argv[i + 1], i + 1
-        i += 1
-        if key in opts:
-            opts[key] = value
-        elif key in types:
-            try:
-                overrides[key] = parse_field(key, value)
-            except ValueError:
-                raise UserError(f"--{key} expects {types[key].__name__}, got {value!r}.") from None
-        else:
-            valid = sorted([*opts, *flags, *types])
-            close = difflib.get_close_matches(key, valid, n=1)
-            raise UserError(f"unknown option --{key}." + (f" Did you mean --{close[0]}?" if close else "") +
-                            f"\nValid: {', '.join('--' + k for k in valid)}")
-    plan_only = ("gpus", "gpu", "gpu_mem", "mfu", "tokens")
-    if not flags["plan"] and any(opts[k] is not None for k in plan_only):
-        raise UserError(f"--{next(k for k in plan_only if opts[k] is not None)} belongs to --plan.")
-    for key in ("preset",) if flags["plan"] else ("preset", "data", "out"):
-        if opts[key] is None:
-            raise UserError(f"--{key} is required. Presets: {', '.join(PRESETS)}." if key == "preset"
-                            else f"--{key} is required.")
-    return opts, flags, overrides
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -170,7 +80,8 @@ def build(cfg, dist):
     (data_parallel.py)."""
     torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
     dist.rng.seed(cfg.seed)
-    model = Yuan(cfg, dist).to(dist.device)
+    model = Yuan(cfg.model, dist, sequence_parallel=cfg.sequence_parallel, overlap=cfg.overlap, recompute=cfg.recompute,
+                 seed=cfg.seed).to(dist.device)
     master = cfg.dtype in ("bf16", "fp16")
     if master:  # before the reducers: its gradient hook must run before theirs
         use_master_weights(model, DTYPES[cfg.dtype])
@@ -224,27 +135,6 @@ def train_step(model, opt, reducer, scaler, clip_params, grad_accum, cfg, dist, 
 # The run
 
 
-def plan_from_args(opts, flags, overrides):
-    """--plan: memory and time per GPU from tools/plan.py; nothing is allocated and no data is read."""
-    try:
-        gpus, mem, mfu, tokens = (None if opts[k] is None else float(opts[k]) for k in ("gpus", "gpu_mem", "mfu",
-                                                                                        "tokens"))
-    except ValueError:
-        raise UserError("--gpus, --gpu_mem, --mfu and --tokens take numbers (e.g. --gpu_mem 80 --mfu 0.45).") from None
-    if mfu is not None and not 0 < mfu <= 1:
-        raise UserError(f"--mfu {mfu} is a fraction of the peak, in (0, 1].")
-    return plan(opts["preset"], overrides, gpus=int(gpus) if gpus is not None else None, gpu=opts["gpu"] or "H100",
-                gpu_mem=mem, mfu=mfu, tokens=tokens or 1e9, as_json=flags["json"])
-
-
-def absolute(data):
-    """--data / --val_data with its paths made absolute, for config.json (a Megatron blend keeps its weights)."""
-    if data is None or os.path.isdir(data):
-        return data and os.path.abspath(data)
-    from dataprep.indexed import parse_blend
-    return " ".join(("" if w is None else f"{w:g} ") + os.path.abspath(p) for w, p in parse_blend(data))
-
-
 class Run:
     """Everything the loop works with, set up in the order things happen (see setup)."""
 
@@ -274,7 +164,7 @@ def size_vocab(cfg, tokenizer, out, resumed, given):
     saved = saved_vocab_size(out) if resumed and not given else None
     if saved and saved % cfg.tp == 0:  # resumed, perhaps at another tp: the checkpoint's padding stays
         cfg.vocab_size = saved
-    elif not given or cfg.vocab_size == 0:  # 0: from the data (model.Config)
+    elif not given or cfg.vocab_size == 0:  # 0: from the data (model.ModelConfig)
         cfg.vocab_size = pad_vocab(tokenizer["n_vocab"], 128 * cfg.tp)
     elif cfg.vocab_size < tokenizer["n_vocab"]:
         raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the data's tokenizer ({tokenizer['n_vocab']:,}"
@@ -302,28 +192,11 @@ def setup(opts, flags, overrides):
     r.score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
     if r.step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"preset": opts["preset"], **asdict(cfg), "data": absolute(opts["data"]),
-                       "val_data": absolute(opts["val_data"]), "tokenizer": r.data.tokenizer_spec}, f, indent=1)
-    announce(opts["preset"], r)
+            json.dump(record(cfg, opts, r.data.tokenizer_spec), f, indent=1)
+    announce(opts["preset"], cfg, dist, r.model, r.grad_accum)  # the layout, on the console
     r.console = Console(cfg, r.step, enabled=dist.rank == 0)  # a bar on a terminal, plain lines in a batch log
     r.peak, r.flops = peak_flops(cfg, dist.device), flops_per_token(cfg)
     return r
-
-
-def announce(preset, r):
-    cfg, dist = r.cfg, r.dist
-    n_params = sum(p.numel() for p in r.model.parameters())
-    dist.print0(f"model {preset}: {n_params:,} params on each of {dist.tp} tp ranks, vocab {cfg.vocab_size:,}, "
-                f"{cfg.dtype} on {dist.device}; world {dist.world} = tp {dist.tp} x dp {dist.dp}; "
-                f"{cfg.batch_tokens:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {r.grad_accum} micro-batches "
-                f"x {dist.dp} dp")
-    features = [name for name, on in (("sequence parallel", cfg.sp),
-                                      (f"recompute {cfg.recompute}", cfg.recompute != "none"), ("ZeRO-1", cfg.zero1),
-                                      ("compiled", cfg.compile)) if on]
-    if features:
-        dist.print0("with " + ", ".join(features))
-    if cfg.sequence_parallel and dist.tp == 1:
-        dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
 
 
 def evaluate(r):
@@ -338,7 +211,7 @@ def evaluate(r):
 
 
 def train(argv):
-    opts, flags, overrides = parse_args(argv)
+    opts, flags, overrides = parse_args(argv, __doc__)
     if flags["plan"]:
         return plan_from_args(opts, flags, overrides)
     r = setup(opts, flags, overrides)

@@ -18,10 +18,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runtime.errors import UserError  # noqa: E402
-from model import make_config  # noqa: E402
+from runtime.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
 from tools.plan import GPU_MEM_GB, SLACK_GB, estimate, lookup  # noqa: E402
 from roofline import CATEGORIES, GPUS, GPUS_PER_NODE, project  # noqa: E402
-from train import FIELD_TYPES, parse_field  # noqa: E402
 
 
 def candidates(cfg, gpus):

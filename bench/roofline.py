@@ -57,7 +57,8 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import train  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
-from model import flops_per_token, make_config  # noqa: E402
+from model import flops_per_token  # noqa: E402
+from runtime.config import FIELD_TYPES, make_config, parse_bool, parse_field  # noqa: E402
 from distributed import Dist  # noqa: E402
 from tools.plan import PEAK_TFLOPS, lookup  # noqa: E402
 
@@ -508,7 +509,7 @@ OPTS = {"preset": "small", "gpu": "H100", "tp": 1, "dp": 0, "gpus": 0, "accum": 
 
 def parse(argv):
     """(options, Config overrides, json target: None, "-" for stdout, or a file)."""
-    opts, overrides, as_json, types = dict(OPTS), {}, None, train.FIELD_TYPES
+    opts, overrides, as_json, types = dict(OPTS), {}, None, FIELD_TYPES
     i = 0
     while i < len(argv):
         key = argv[i].lstrip("-").replace("-", "_")
@@ -523,9 +524,9 @@ def parse(argv):
         value, i = argv[i + 1], i + 2
         try:
             if key in OPTS:
-                opts[key] = train.parse_bool(value) if key == "measure" else type(OPTS[key])(value)
+                opts[key] = parse_bool(value) if key == "measure" else type(OPTS[key])(value)
             elif key in types and key != "tp":
-                overrides[key] = train.parse_field(key, value)
+                overrides[key] = parse_field(key, value)
             else:
                 raise UserError(f"unknown option --{key}. Options: {', '.join('--' + k for k in (*OPTS, 'json'))}; "
                                 f"any Config field: {', '.join(sorted(types))}.")

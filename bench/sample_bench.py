@@ -13,7 +13,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from model import Yuan, make_config  # noqa: E402
+from model import Yuan  # noqa: E402
+from runtime.config import make_config  # noqa: E402
 
 
 def timed(model, prompt, new, use_cache):

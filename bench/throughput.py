@@ -28,11 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from runtime.errors import UserError  # noqa: E402
-from model import flops_per_token, make_config  # noqa: E402
+from model import flops_per_token  # noqa: E402
+from runtime.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
 from runtime.mpi import run_or_abort  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from tools.plan import estimate  # noqa: E402
-from train import FIELD_TYPES, LossScaler, build, parse_field, peak_flops, resolve_dtype, train_step  # noqa: E402
+from train import LossScaler, build, peak_flops, resolve_dtype, train_step  # noqa: E402
 
 BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 4, "json": ""}
 

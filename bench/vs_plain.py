@@ -16,7 +16,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model import make_config  # noqa: E402
+from runtime.config import make_config  # noqa: E402
 from distributed import Dist  # noqa: E402
 from train import LossScaler, build, resolve_dtype, train_step  # noqa: E402
 

@@ -83,6 +83,32 @@ def train_tokenizer(documents, vocab_size, out):
     return len(ranks) + 1
 
 
+def hf_tokenizer(enc, eot):
+    """The tiktoken encoding as a `tokenizers` byte-level BPE with the same ids (export.py's tokenizer.json).
+    tiktoken keeps only ranks; a BPE needs merges: each token of two or more bytes is the merge of the split whose
+    halves are both tokens, the earliest-ranked such pair (the merge BPE learned). ignore_merges=True makes a piece
+    that is itself a token one token, as tiktoken does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    to_char = {b: c for c, b in _byte_alphabet().items()}
+    text = lambda bs: "".join(to_char[b] for b in bs)  # noqa: E731
+    ranks = enc._mergeable_ranks
+    vocab = {text(bs): rank for bs, rank in ranks.items()}
+    merges = []
+    for bs, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(max(ranks[bs[:i]], ranks[bs[i:]]), bs[:i], bs[i:]) for i in range(1, len(bs))
+                  if bs[:i] in ranks and bs[i:] in ranks and max(ranks[bs[:i]], ranks[bs[i:]]) < rank]
+        if splits:
+            _, a, b = min(splits)
+            merges.append((text(a), text(b)))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([enc.decode([eot])])
+    return tok
+
+
 def load_tokenizer(spec):
     """The tokenizer `spec` names (see the module docstring) and its identity {kind, name, hash, n_vocab, eot}."""
     kind, _, path = spec.partition(":")

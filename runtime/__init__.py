@@ -1,2 +1,2 @@
-"""What a run needs around the training: checkpoints, the output directory, stopping, rendezvous, MPI endings,
-errors."""
+"""What a run needs around the training: settings, checkpoints, the output directory, stopping, rendezvous,
+MPI endings, errors."""

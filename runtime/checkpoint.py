@@ -10,7 +10,8 @@ along, `tp_dim`: 0 for column-parallel weights and biases and the vocabulary-par
 weights) and a copy of every replicated one; the AdamW moments are shaped like their parameters. So a checkpoint
 written at tp = T becomes one at tp = T' by concatenating each split tensor's T slices along its dimension and
 cutting the result into T' slices; the data position (seed, step) and the loss scale do not depend on the layout.
-Data parallelism needs nothing: data-parallel rank 0 writes the full optimizer state (ZeRO-1 gathers it first).
+Data parallelism needs nothing: data-parallel rank 0 writes the full optimizer state (ZeRO-1 gathers it first:
+zero1_state_dict at the end of this file).
 """
 import os
 import re
@@ -23,7 +24,7 @@ import torch.distributed as tdist
 
 from runtime.errors import UserError
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
-from model import MODEL_FIELDS, Config, Yuan
+from model import ModelConfig, Yuan
 from dataprep.tokenizer import copy_spec, load_tokenizer
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
@@ -52,7 +53,8 @@ def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect
     if dist.dp_rank != 0:
         return
     # The data position is (seed, step): Batches reads step s from the permuted epochs that (seed, s) determine.
-    state = {"step": step, "config": asdict(cfg), "tokenizer": tokenizer, "model": fp32_state_dict(model),
+    state = {"step": step, "model_config": asdict(cfg.model), "run_config": cfg.run, "tokenizer": tokenizer,
+             "model": fp32_state_dict(model),
              "data_position": {"seed": cfg.seed, "next_step": step + 1},
              "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
              "optimizer": opt_state, "scaler": scaler.state_dict(),
@@ -91,9 +93,14 @@ def tensor_bytes(tree):
 
 def load_checkpoint(path, mmap=False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if "model_config" not in ckpt:  # written before the Config was split in two: one flat "config"
+        flat, model = ckpt.pop("config"), {f.name for f in fields(ModelConfig)}
+        ckpt["model_config"] = {k: v for k, v in flat.items() if k in model}
+        ckpt["run_config"] = {k: v for k, v in flat.items() if k not in model}
+    return ckpt
 
 
 def all_ranks(flag, dist):
@@ -107,8 +114,9 @@ def all_ranks(flag, dist):
 
 def check_compatible(ckpt, cfg, tokenizer, path):
     """A checkpoint continues only a run of the same model shape and tokenizer."""
-    diff = [f"{k}: checkpoint {ckpt['config'][k]} vs now {getattr(cfg, k)}"
-            for k in MODEL_FIELDS if ckpt["config"][k] != getattr(cfg, k)]
+    saved = config_of(ckpt)  # dropout and init_std may change between the legs of a run
+    diff = [f"{f.name}: checkpoint {getattr(saved, f.name)} vs now {getattr(cfg, f.name)}" for f in fields(saved)
+            if f.name not in ("dropout", "init_std") and getattr(saved, f.name) != getattr(cfg, f.name)]
     if diff:
         raise UserError(f"checkpoint {path} is from another model config:\n  " + "\n  ".join(diff) +
                         "\nHINT: use the same --preset and overrides as the run that wrote it, or another --out.")
@@ -131,9 +139,9 @@ def complete_steps(out):
 
 
 def config_of(ckpt):
-    """The Config a checkpoint was written with (fields this version does not know are dropped)."""
-    known = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    """The ModelConfig a checkpoint was written with: what rebuilds its network."""
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
 
 
 def split_dims(cfg):
@@ -141,7 +149,7 @@ def split_dims(cfg):
     the names in the optimizer's order (train.build: matrices and embeddings first, then the rest). From the model
     built on the meta device: nothing allocated."""
     with torch.device("meta"):
-        model = Yuan(replace(cfg, tp=1, sequence_parallel=False, dropout=0.0))
+        model = Yuan(replace(cfg, dropout=0.0))
     named = list(model.named_parameters())
     order = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
     return {n: getattr(p, "tp_dim", None) for n, p in named}, order
@@ -204,7 +212,7 @@ def saved_vocab_size(out):
         ckpt = load_checkpoint(os.path.join(out, ckpt_name(step, steps[step][-1], 0)), mmap=True)
     except UserError:
         return None  # resume() names the unreadable file and falls back
-    return ckpt["config"]["vocab_size"]
+    return ckpt["model_config"]["vocab_size"]
 
 
 def consolidated(out, step=None):
@@ -221,7 +229,6 @@ def consolidated(out, step=None):
         raise UserError(f"no complete checkpoint of step {step} in {out}; complete steps: {sorted(steps)}.")
     written = steps[step][0]
     ckpt, path = load_step(out, step, written, 1, 0)
-    ckpt["config"] = {**ckpt["config"], "tp": 1, "sequence_parallel": False}
     where = path if written == 1 else f"{path} and the other {written - 1} shard(s), merged"
     return ckpt, where
 
@@ -262,7 +269,8 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     if ckpt["rng"]["tp"].numel():
         dist.rng.state = ckpt["rng"]["tp"]
-    changed = [k for k, v in ckpt["config"].items() if k not in ("max_steps", "tp") and getattr(cfg, k, v) != v]
+    saved = {**ckpt["model_config"], **ckpt["run_config"]}
+    changed = [k for k, v in saved.items() if k not in ("max_steps", "tp") and getattr(cfg, k, v) != v]
     if step != newest:
         dist.print0(f"--resume: the newest checkpoint (step {newest}) cannot be read; falling back to step {step}")
     if written != dist.tp:
@@ -270,3 +278,59 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
                     (" (dropout masks of the new tp ranks differ from an uninterrupted run's)" if cfg.dropout else ""))
     dist.print0(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
     return step
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ZeRO-1's sharded AdamW state, saved and loaded in plain AdamW's format
+
+
+def _gathered(opt, b, key):
+    """A moment of bucket b's flat buffer at full size (a collective: every dp rank must call it)."""
+    mine = opt.inner.state[b.shard][key] if b.shard in opt.inner.state else torch.zeros_like(b.shard)
+    full = torch.empty_like(b.flat)
+    if opt.dist.dp > 1:
+        tdist.all_gather(list(full.chunk(opt.dist.dp)), mine.detach().clone(), group=opt.dist.dp_group)
+    else:
+        full.copy_(mine)
+    return full
+
+
+def zero1_state_dict(opt):
+    """data_parallel.ZeroAdamW's state in torch.optim.AdamW's format for the original parameters, in the original
+    groups' order: a checkpoint does not depend on --zero1."""
+    index = {id(p): i for i, p in enumerate(p for g in opt.groups for p in g["params"])}
+    state = {}
+    for b in opt.buckets:
+        if b.shard not in opt.inner.state:
+            continue
+        step = opt.inner.state[b.shard]["step"]
+        moments = {k: _gathered(opt, b, k) for k in ("exp_avg", "exp_avg_sq")}
+        for p, o in zip(b.params, b.offsets):
+            state[index[id(p)]] = {"step": step.clone(), **{k: m[o:o + p.numel()].view_as(p).clone()
+                                                            for k, m in moments.items()}}
+    groups = []
+    for g in opt.groups:
+        groups.append({**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
+                       "weight_decay": g["weight_decay"], "params": [index[id(p)] for p in g["params"]]})
+    return {"state": state, "param_groups": groups}
+
+
+def load_zero1_state_dict(opt, sd):
+    """ZeroAdamW opt takes this rank's slice of every moment from a plain AdamW state_dict."""
+    index = {id(p): i for i, p in enumerate(p for g in opt.groups for p in g["params"])}
+    D, d = opt.dist.dp, opt.dist.dp_rank
+    for b in opt.buckets:
+        ids = [index[id(p)] for p in b.params]
+        if not all(i in sd["state"] for i in ids):
+            continue
+        size = b.flat.numel() // D
+        st = {}
+        for k in ("exp_avg", "exp_avg_sq"):
+            full = torch.zeros_like(b.flat)
+            for p, o, i in zip(b.params, b.offsets, ids):
+                full[o:o + p.numel()].copy_(sd["state"][i][k].reshape(-1))
+            st[k] = full[d * size:(d + 1) * size].clone()
+        st["step"] = sd["state"][ids[0]]["step"].clone()
+        opt.inner.state[b.shard] = st
+    for group, saved in zip(opt.param_groups, [sd["param_groups"][b.group] for b in opt.buckets]):
+        group.update({k: v for k, v in saved.items() if k not in ("params", "weight_decay")})

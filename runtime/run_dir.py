@@ -158,6 +158,22 @@ class Console:
             self.bar.close()
 
 
+def announce(preset, cfg, dist, model, grad_accum):
+    """train.py's first lines: the model, the process layout and the batch, then the features in use."""
+    n_params = sum(p.numel() for p in model.parameters())
+    dist.print0(f"model {preset}: {n_params:,} params on each of {dist.tp} tp ranks, vocab {cfg.vocab_size:,}, "
+                f"{cfg.dtype} on {dist.device}; world {dist.world} = tp {dist.tp} x dp {dist.dp}; "
+                f"{cfg.batch_tokens:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {grad_accum} micro-batches "
+                f"x {dist.dp} dp")
+    features = [name for name, on in (("sequence parallel", cfg.sp),
+                                      (f"recompute {cfg.recompute}", cfg.recompute != "none"), ("ZeRO-1", cfg.zero1),
+                                      ("compiled", cfg.compile)) if on]
+    if features:
+        dist.print0("with " + ", ".join(features))
+    if cfg.sequence_parallel and dist.tp == 1:
+        dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
+
+
 def prepare_out_dir(out, resume, overwrite, dist):
     """Refuse to start a fresh run over an earlier one unless told to (--resume or --overwrite)."""
     if resume and overwrite:

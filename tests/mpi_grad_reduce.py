@@ -8,7 +8,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
-from model import Config, Yuan  # noqa: E402
+from model import Yuan  # noqa: E402
+from runtime.config import Config  # noqa: E402
 from data_parallel import GradReducer, ZeroAdamW  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from runtime.mpi import run_or_abort  # noqa: E402

@@ -17,7 +17,7 @@ import model as model_py  # noqa: E402
 import parallel  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from runtime.mpi import run_or_abort  # noqa: E402
-from model import Config, Yuan  # noqa: E402
+from model import ModelConfig, Yuan  # noqa: E402
 from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, all_gather_seq,  # noqa: E402
                       f, reduce_scatter_seq, sync_sequence_parallel_grads, vocab_parallel_cross_entropy)
 
@@ -201,7 +201,7 @@ def main():
     close("cross-entropy grad", local.grad, mine(logits.grad, 1))
     # Dropout: the residual stream is replicated, so its dropout masks must agree across the tp group (global
     # generator, same seed); attention dropout on each rank's own heads runs on the rank's forked generator.
-    model = Yuan(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=16, dropout=0.3, tp=tp), dist)
+    model = Yuan(ModelConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=16, dropout=0.3), dist)
     torch.manual_seed(5)
     dist.rng.seed(5)
     seen = {}
@@ -218,8 +218,8 @@ def main():
     ids = torch.randint(0, 512, (2, 4 * tp))
     grads = []
     for sp in (False, True):
-        model = Yuan(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=4 * tp, tp=tp,
-                            sequence_parallel=sp), dist)
+        model = Yuan(ModelConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=4 * tp), dist,
+                     sequence_parallel=sp)
         loss = model(ids, ids)[1]
         loss.backward()
         sync_sequence_parallel_grads(list(model.parameters()), dist)

@@ -1,7 +1,8 @@
 """export.py: a checkpoint trained at tp 2 becomes a Hugging Face GPT-2 directory that transformers loads with no
 custom code; its logits, greedy generation and tokenizer ids equal ours."""
+import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -40,6 +41,8 @@ def ours(exported):
     from model import Yuan
     from dataprep.tokenizer import load_tokenizer
     ckpt, _ = consolidated(exported[0])
+    with open(os.path.join(exported[1], "config.json")) as f:  # the export carries the ModelConfig
+        assert json.load(f)["nanoyuan_model_config"] == asdict(config_of(ckpt)) == ckpt["model_config"]
     model = Yuan(replace(config_of(ckpt), dropout=0.0))
     model.load_state_dict(ckpt["model"])
     return model.eval(), load_tokenizer(os.path.join(exported[0], "tokenizer.tiktoken"))[0]

@@ -93,7 +93,7 @@ def test_compile_takes_the_whole_model_where_it_can(recompute, dtype, whole):
     why; tp > 1 too, tested by tests/test_parallel_train.py -k compile). Only the choice is checked here (nothing
     compiles until a forward); the numbers are the next test's and, in bf16, tests/test_mixed_precision.py's."""
     import train
-    from model import make_config
+    from runtime.config import make_config
     from distributed import Dist
     cfg = make_config("tiny", n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=512, dtype=dtype,
                       compile=True, recompute=recompute)

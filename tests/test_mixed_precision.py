@@ -6,7 +6,8 @@ import torch
 from conftest import SMALL, read_metrics, run
 from data_parallel import adamw
 from mixed_precision import accumulate_wgrad, fp32_state_dict, load_fp32_state_dict
-from model import Yuan, make_config
+from model import Yuan
+from runtime.config import make_config
 from distributed import Dist
 from mixed_precision import LossScaler
 from train import build, train_step

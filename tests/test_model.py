@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import PRESETS, Config, UserError, Yuan, count_params, make_config
+from model import UserError, Yuan, count_params
+from runtime.config import PRESETS, Config, make_config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -117,9 +118,8 @@ def test_recompute_gives_the_same_gradients(dropout):
     """Selective and full recomputation change what is stored, not what is computed: same loss, same gradients,
     also with dropout (the recomputation replays the forward's random masks)."""
     def grads(recompute):
-        cfg = make_config("tiny", n_layer=3, n_embd=64, n_head=4, seq_len=32, vocab_size=256, dropout=dropout,
-                          recompute=recompute)
-        model = Yuan(cfg)
+        cfg = make_config("tiny", n_layer=3, n_embd=64, n_head=4, seq_len=32, vocab_size=256, dropout=dropout)
+        model = Yuan(cfg.model, recompute=recompute)
         x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
         torch.manual_seed(5)
         loss = model(x, x.roll(-1, 1))[1]

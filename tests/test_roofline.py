@@ -7,7 +7,8 @@ import pytest
 
 from conftest import ROOT, run
 from runtime.errors import UserError
-from model import count_params, flops_per_token, make_config
+from model import count_params, flops_per_token
+from runtime.config import make_config
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import roofline  # noqa: E402

@@ -4,15 +4,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import pytest
 import torch
 
 from conftest import ROOT, SMALL, read_metrics, run
-from model import Config, UserError, Yuan
+from model import ModelConfig, UserError, Yuan
+from runtime.config import Config
 from distributed import Dist
 from mixed_precision import LossScaler
-from train import lr_at, parse_args
+from runtime.config import parse_args
+from train import lr_at
 
 EXACT = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "loss_scale", "skipped")
 
@@ -108,7 +111,9 @@ def test_train_metrics_checkpoint_and_sample(prepared, tmp_path):
                                        "tensorboard", "tokenizer.json", "tokenizer.tiktoken"]
     ckpt = torch.load(out / "ckpt_0000010.pt", weights_only=True)
     assert ckpt["step"] == 10 and ckpt["data_position"] == {"seed": 1234, "next_step": 11}
-    assert set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config", "tokenizer"}
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "rng", "model_config", "run_config", "tokenizer"}
+    assert list(ckpt["model_config"]) == [f.name for f in fields(ModelConfig)]  # what rebuilds the network
+    assert ckpt["run_config"]["max_steps"] == 10 and "n_layer" not in ckpt["run_config"]
     proc = run("sample.py", "--out", out, "--prompt", "曹操", "--max-new-tokens", 8, "--num-samples", 1)
     assert "曹操" in proc.stdout and "step 10" in proc.stdout
 
@@ -122,10 +127,15 @@ def test_fp16_and_bf16_run(prepared, tmp_path):
 
 
 def test_resume_is_exact(prepared, tmp_path):
-    """20 steps straight == 10 steps, stop, resume for 10 more: bitwise in fp32 on CPU."""
+    """20 steps straight == 10 steps, stop, resume for 10 more: bitwise in fp32 on CPU, from checkpoints in the
+    format of earlier versions (one flat config)."""
     common = [*SMALL, "--data", prepared, "--lr_decay_steps", 20, "--ckpt_interval", 5, "--dropout", 0.1]
     run("train.py", *common, "--out", tmp_path / "a", "--max_steps", 20)
     run("train.py", *common, "--out", tmp_path / "b", "--max_steps", 10)
+    for path in (tmp_path / "b").glob("ckpt_*.pt"):  # as written before the Config was split: one flat "config"
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["config"] = {**ckpt.pop("model_config"), **ckpt.pop("run_config"), "tp": 1}
+        torch.save(ckpt, path)
     proc = run("train.py", *common, "--out", tmp_path / "b", "--max_steps", 20, "--resume")
     assert "resumed from" in proc.stdout and "step 10" in proc.stdout
     assert exact_fields(read_metrics(tmp_path / "a")) == exact_fields(read_metrics(tmp_path / "b"))
@@ -213,7 +223,8 @@ def test_sample_without_checkpoint(tmp_path):
 
 def test_mfu_with_given_peak(prepared, tmp_path):
     """With --peak_tflops, mfu = (6 N_matmul + 12 L h T) * tokens/s / peak."""
-    from model import flops_per_token, make_config
+    from model import flops_per_token
+    from runtime.config import make_config
     run("train.py", *SMALL, "--data", prepared, "--out", tmp_path / "r", "--max_steps", 2, "--peak_tflops", 0.001)
     cfg = make_config("tiny", n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=512)
     for r in (r for r in read_metrics(tmp_path / "r") if "loss" in r):

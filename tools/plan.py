@@ -39,7 +39,8 @@ import os
 import sys
 
 from runtime.errors import UserError
-from model import flops_per_token, make_config
+from model import flops_per_token
+from runtime.config import make_config
 
 # Dense peak TFLOP/s by datasheet, per dtype; train.py reads it for MFU. First match of the name wins.
 PEAK_TFLOPS = [
@@ -182,7 +183,15 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
                                                       gpus, mem_gb, rank_by_speed=not given)
     if as_json:
         print(json.dumps(result, indent=1))
-        return result
+    else:
+        report(result, cfg, e, given)
+    return result
+
+
+def report(result, cfg, e, given):
+    """plan()'s result for people; a layout that does not fit ends in a UserError naming the ones that do."""
+    preset, gpus, gpu, tp, dp, dtype = (result[k] for k in ("preset", "gpus", "gpu", "tp", "dp", "dtype"))
+    mem_gb, total_gb, tok_s = result["gpu_mem_gb"], e["total_bytes"] / 1e9, result["tokens_per_s"]
     b = e["bytes"]
     gb = lambda x: f"{x / 1e9:8.2f} GB"  # noqa: E731
     print(f"{preset} on {gpus} x {gpu}: tp {tp} x dp {dp}, {dtype}, micro-batch {cfg.micro_batch} x {cfg.seq_len}, "
@@ -210,8 +219,7 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
                          if fit else f" No split of {gpus} GPUs fits.\nHINT: more GPUs, --recompute full, or a "
                          f"smaller --micro_batch."))
     if tok_s:
-        print(f"at {mfu:.1%} MFU ({mfu_source}) of {peak:g} TFLOP/s per GPU: {tok_s:,.0f} tokens/s; "
-              f"{tokens:.3g} tokens in {result['hours']:.1f} h")
+        print(f"at {result['mfu']:.1%} MFU ({result['mfu_source']}) of {result['peak_tflops']:g} TFLOP/s per GPU: "
+              f"{tok_s:,.0f} tokens/s; {result['tokens']:.3g} tokens in {result['hours']:.1f} h")
     else:
         print(f"no peak FLOP/s known for {gpu} in {dtype}: pass --peak_tflops for the time estimate")
-    return result

@@ -1,0 +1,44 @@
+"""Collectives as the parallel layers use them, with two things that are plumbing, not parallelism: a deadline
+(an asynchronous gloo collective would otherwise wait forever for a rank that hangs) and torch's names for the
+single-buffer collectives, which changed in torch 2.13. Called by parallel.py and data_parallel.py.
+"""
+import datetime
+
+import torch.distributed as tdist
+
+
+class Pending:
+    """A collective in flight: wait() blocks until it is done (at most dist.timeout_s, --collective_timeout_s) and
+    returns its result."""
+
+    def __init__(self, work, result, dist=None):
+        self.work, self.result, self.dist = work, result, dist
+
+    def wait(self):
+        if self.work is not None:
+            wait(self.work, self.dist)
+        return self.result()
+
+
+def wait(work, dist):
+    """work.wait(), bounded by the collective timeout of dist's process layout."""
+    if dist is None:
+        return work.wait()
+    return work.wait(timeout=datetime.timedelta(seconds=dist.timeout_s))
+
+
+# torch 2.13 names the single-buffer collectives all_gather_single / reduce_scatter_single and warns (FutureWarning)
+# on the older names, all_gather_into_tensor / reduce_scatter_tensor; older releases have only those: take the new.
+# Looked up by name at each call, so that a wrapper put on torch.distributed (bench/roofline.py's) sees the call.
+_GATHER = "all_gather_single" if hasattr(tdist, "all_gather_single") else "all_gather_into_tensor"
+_SCATTER = "reduce_scatter_single" if hasattr(tdist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
+
+def gather_into(out, x, group, async_op=False):
+    """Every rank's x, in rank order, into the one buffer out along dim 0 (no list of tensors, so no copies)."""
+    return getattr(tdist, _GATHER)(out, x, group=group, async_op=async_op)
+
+
+def scatter_sum_into(out, x, group, async_op=False):
+    """The sum over ranks of x, of which this rank keeps block `rank` (along dim 0) in out."""
+    return getattr(tdist, _SCATTER)(out, x, group=group, async_op=async_op)
