@@ -9,7 +9,7 @@
 Inputs are `.txt` files with one document per line (the ASC22 corpus writes in-document newlines as the literal
 `<n>`), `.jsonl` files with a "text" field, or either one gzipped; a directory stands for the corpus files in it.
 dataprep/tokenizer.py trains and loads the tokenizer; dataprep/prepare.py turns the corpus into shards (cleaning,
-workers, resuming).
+workers, resuming); dataprep/windows.py opens them for training, as grids of windows (checking them at open).
 This file holds the command line and the reader that training uses; the shard format is dataprep/shards.py:
 
     DIR/meta.json                   what was prepared: tokenizer, settings, counts, the list of shards
@@ -23,9 +23,6 @@ dataprep/indexed.py). train.py --data takes a prepared directory of either forma
 dataset PREFIX or a blend "W1 PREFIX1 W2 PREFIX2 ..." (class Batches).
 """
 import argparse
-import json
-import mmap
-import os
 import sys
 import warnings
 
@@ -34,9 +31,8 @@ from runtime.errors import require
 require("numpy")  # a clear hint when run outside .venv
 import numpy as np
 
-from runtime.errors import UserError
 from runtime.mpi import run_or_abort  # not distributed.py: no torch for a data job
-from dataprep.shards import META_VERSION, open_tokens
+from dataprep.windows import open_windows
 
 # ------------------------------------------------------------------------------------------------------------------
 # Reading for training
@@ -67,129 +63,6 @@ def permute(i, n, keys):
     return out.astype(np.int64)
 
 
-class TokenShards:
-    """Token arrays (the shards of one split, or Megatron datasets) as a single grid of windows. Array k holds
-    (n_k - 1) // seq_len windows of seq_len + 1 tokens (inputs and targets overlap by one token); window w of the grid
-    is window w - start[k] of the array k that contains it. Sampling windows uniformly weights each array by its size.
-    n_vocab: check each window's ids against it (Megatron data carries no tokenizer to check at open)."""
-
-    def __init__(self, parts, seq_len, n_vocab=None, name=""):
-        self.seq_len, self.n_vocab, self.name = seq_len, n_vocab, name
-        self.maps, self.arrays = [m for m, _ in parts], [a for _, a in parts]
-        self.per_shard = np.array([max(0, (len(a) - 1) // seq_len) for a in self.arrays], dtype=np.int64)
-        self.start = np.concatenate([[0], np.cumsum(self.per_shard)])
-        self.n = int(self.start[-1])  # windows in the grid
-        if n_vocab is not None:
-            for a in self.arrays:  # the first million ids at once; the rest as batches read them
-                self.check(a[:1_000_000])
-
-    def check(self, ids):
-        bad = (ids >= self.n_vocab) | (ids < 0)
-        if bad.any():
-            raise UserError(f"{self.name} holds token id {int(ids[bad][0]):,}, at or above the vocabulary's "
-                            f"{self.n_vocab:,} ids: it was prepared with another tokenizer.\nHINT: pass the "
-                            f"--tokenizer (vocab.txt) the data was prepared with.")
-
-    def windows(self, ids):
-        """Stack windows `ids` (indices into the grid) into an int64 array [len(ids), seq_len + 1]."""
-        shard = np.searchsorted(self.start, ids, side="right") - 1
-        offsets = (ids - self.start[shard]) * self.seq_len
-        w = np.stack([self.arrays[k][o:o + self.seq_len + 1] for k, o in zip(shard, offsets)]).astype(np.int64)
-        if self.n_vocab is not None:
-            self.check(w)
-        return w
-
-    def release(self):
-        """Drop the pages this process has touched from its resident set (they stay in the OS page cache). Without
-        this, a long run's RSS climbs towards the size of every shard it has read, though no memory leaks."""
-        for mm in self.maps:
-            if mm is not None and hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_DONTNEED)
-
-
-def apportion(weights, n):
-    """n split into integer counts in proportion to weights (summing to 1): floors, then the largest remainders."""
-    counts = np.floor(weights * n).astype(np.int64)
-    counts[np.argsort(-(weights * n - counts), kind="stable")[:n - counts.sum()]] += 1
-    return counts
-
-
-class Blend:
-    """Grids drawn with fixed probabilities (Megatron's weighted --data-path). Position g of the endless training
-    stream belongs to one grid by a fixed schedule that repeats every PERIOD positions: grid i takes count_i =
-    weight_i * PERIOD of them (rounded), spread evenly (the k-th near (k + 1/2) / count_i of the period). Grid i's own
-    positions then run through its own permuted epochs. Everything is a function of g, as for a single grid."""
-
-    PERIOD = 1 << 16
-
-    def __init__(self, grids, weights, names):
-        self.grids = grids
-        if len(grids) == 1:
-            self.counts, self.owner, self.rank = np.array([1]), np.zeros(1, np.int64), np.zeros(1, np.int64)
-            self.weights = np.ones(1)
-            return
-        w = np.asarray(weights, dtype=np.float64) / sum(weights)
-        counts = apportion(w, self.PERIOD)
-        if (counts == 0).any():
-            raise UserError(f"blend weight of {names[int(np.argmin(counts))]} is below 1/{self.PERIOD:,} of the "
-                            f"total: it would never be drawn.\nHINT: raise it, or leave that dataset out.")
-        times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
-        order = np.argsort(times, kind="stable")
-        self.owner = np.repeat(np.arange(len(grids)), counts)[order]
-        self.rank = np.concatenate([np.arange(c) for c in counts])[order]
-        self.counts, self.weights = counts, w
-
-    def locate(self, g):
-        """Positions g of the stream -> (grid of each, position in that grid's own stream of epochs)."""
-        period, r = np.divmod(g, len(self.owner))
-        grid = self.owner[r]
-        return grid, period * self.counts[grid] + self.rank[r]
-
-    def windows(self, grid, ids):
-        w = np.empty((len(ids), self.grids[0].seq_len + 1), dtype=np.int64)
-        for i in np.unique(grid):
-            w[grid == i] = self.grids[i].windows(ids[grid == i])
-        return w
-
-    def spread(self, n):
-        """n (grid, window) pairs spread evenly over the grids, in proportion to their weights: validation."""
-        counts = apportion(self.weights, n)
-        grid = np.repeat(np.arange(len(self.grids)), counts)
-        ids = np.concatenate([np.linspace(0, g.n - 1, c).astype(np.int64) for g, c in zip(self.grids, counts)])
-        return grid, ids
-
-    def release(self):
-        for g in self.grids:
-            g.release()
-
-
-def open_megatron(spec, seq_len, n_vocab, val_fraction=None):
-    """A Megatron prefix or blend (indexed.parse_blend) -> (train Blend, val Blend or None). With val_fraction,
-    the last ceil(fraction * sequences) sequences of each prefix are held out for validation."""
-    from dataprep.indexed import open_indexed, parse_blend
-    blend = parse_blend(spec)
-    train, val = [], []
-    for _, prefix in blend:
-        mm, ids, sizes = open_indexed(prefix)
-        if val_fraction is None:
-            train.append((prefix, [(mm, ids)]))
-            continue
-        held = int(np.ceil(val_fraction * len(sizes)))
-        if not 0 < held < len(sizes):
-            raise UserError(f"{prefix} holds {len(sizes):,} sequences: too few to hold out a fraction {val_fraction} "
-                            f"of them for validation.\nHINT: give --val_data PREFIX, or more data.")
-        cut = int(sizes[:len(sizes) - held].sum(dtype=np.int64))
-        train.append((prefix, [(mm, ids[:cut])]))
-        val.append((prefix, [(None, ids[cut:])]))
-
-    def make(parts):
-        if blend[0][0] is None:  # no weights: one grid over all, by size (as the shards of a prepared directory)
-            return Blend([TokenShards([p for _, ps in parts for p in ps], seq_len, n_vocab, spec)], None, [spec])
-        return Blend([TokenShards(ps, seq_len, n_vocab, prefix) for prefix, ps in parts], [w for w, _ in blend],
-                     [prefix for prefix, _ in parts])
-    return make(train), make(val) if val else None
-
-
 class Batches:
     """Training and validation batches from a prepared directory, a Megatron dataset prefix, or a blend of them.
 
@@ -197,8 +70,8 @@ class Batches:
     windows, and the step's global batch takes the next step_windows of them. Data-parallel rank r, micro-batch m
     takes the slice (m * dp + r) of that global batch, so ranks never share a window, the global batch of a step
     does not depend on how it is split across ranks, and a resumed run reads exactly what the uninterrupted run
-    would have read: the position is a pure function of (seed, step). A weighted blend (class Blend) first sends each
-    position to one dataset, whose own positions then run through its own epochs in the same way.
+    would have read: the position is a pure function of (seed, step). A weighted blend (dataprep/windows.py's Blend)
+    first sends each position to one dataset, whose own positions then run through its own epochs in the same way.
 
     data: DIR (data.py prepare's output, either --format), or Megatron's --data-path: PREFIX, or "W1 PREFIX1 W2
     PREFIX2 ...". A Megatron dataset does not record its tokenizer: `tokenizer` (a spec, e.g. yuan:vocab.txt) says
@@ -218,16 +91,9 @@ class Batches:
                  val_data=None, val_fraction=0.01):
         self.seq_len, self.micro_batch, self.seed, self.rank, self.dp = seq_len, micro_batch, seed, rank, dp
         self.step_windows = micro_batch * accum * dp
-        if os.path.isdir(data):
-            self._open_prepared(data, tokenizer, val_data)
-        else:
-            self._open_megatron(data, tokenizer, val_data, val_fraction)
-        for split, part in (("train", self.train), ("val", self.val)):
-            for g in part.grids:
-                if g.n == 0:
-                    raise UserError(f"the {split} data {g.name} holds no window of seq_len + 1 = {seq_len + 1:,} "
-                                    f"tokens (largest array: {max(len(a) for a in g.arrays):,} tokens).\n"
-                                    f"HINT: lower --seq_len, or prepare more text (or a larger validation share).")
+        # Each split a Blend of grids of windows (dataprep/windows.py), every file checked as it is opened.
+        self.train, self.val, self.tokenizer, self.tokenizer_spec, self.meta = open_windows(
+            data, seq_len, tokenizer, val_data, val_fraction)
         self.calls = 0
         self._keys = {}
         self.pin_memory = pin_memory
@@ -237,80 +103,6 @@ class Batches:
                 warnings.warn("Batches(pin_memory=True): torch sees no CUDA device, so there is no pinned memory; "
                               "batches stay in ordinary memory.")
                 self.pin_memory = False
-
-    def _open_prepared(self, data_dir, spec, val_data):
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"{meta_path} not found: {data_dir} is not a prepared data directory (or its prepare "
-                            f"has not finished).\nHINT: python data.py prepare --input FILES --tokenizer TOK "
-                            f"--out {data_dir}")
-        try:
-            with open(meta_path) as f:
-                self.meta = json.load(f)
-        except (ValueError, OSError) as e:
-            raise UserError(f"{meta_path} cannot be read as JSON ({e}): the directory's description is damaged.\n"
-                            f"HINT: re-run the same data.py prepare command into a fresh --out.") from None
-        if self.meta.get("format_version") != META_VERSION:
-            raise UserError(f"{meta_path} has layout version {self.meta.get('format_version')}; this code reads "
-                            f"{META_VERSION}.\nHINT: re-run data.py prepare into a fresh directory.")
-        if val_data is not None:
-            raise UserError(f"--val_data is for Megatron datasets; {data_dir} has its own val split.")
-        self.tokenizer = tok = self.meta["tokenizer"]
-        if spec is not None:
-            from dataprep.tokenizer import load_tokenizer
-            if load_tokenizer(spec)[1]["hash"] != tok["hash"]:
-                raise UserError(f"--tokenizer {spec} is not the tokenizer {data_dir} was prepared with "
-                                f"({tok['name']}).\nHINT: drop --tokenizer: the directory carries its own.")
-        from dataprep.tokenizer import copy_spec
-        self.tokenizer_spec = copy_spec(data_dir, tok)
-        megatron = self.meta.get("format") == "megatron"
-        self.train, self.val = (Blend([self._grid(data_dir, split, megatron)], None, [data_dir])
-                                for split in ("train", "val"))
-
-    def _grid(self, data_dir, split, megatron):
-        tok, parts = self.tokenizer, []
-        for s in self.meta["shards"]:
-            path = os.path.join(data_dir, s[split])
-            if megatron:
-                from dataprep.indexed import open_indexed
-                mm, ids, _ = open_indexed(path)
-                if len(ids) != s[split + "_tokens"]:
-                    raise UserError(f"{path}.bin holds {len(ids):,} tokens but meta.json says "
-                                    f"{s[split + '_tokens']:,}: the file was replaced or cut.\nHINT: re-run "
-                                    f"data.py prepare into a fresh directory.")
-                parts.append((mm, ids))
-            else:
-                parts.append(open_tokens(path, tok["n_vocab"], tok["hash"], s[split + "_tokens"]))
-        return TokenShards(parts, self.seq_len, tok["n_vocab"] if megatron else None, f"{data_dir} ({split})")
-
-    def _open_megatron(self, data, spec, val_data, val_fraction):
-        from dataprep.indexed import parse_blend
-        if os.path.isfile(data):
-            stem = os.path.splitext(os.path.basename(data))[0]
-            raise UserError(f"--data {data} is a text file, not prepared data: train.py reads the tokens data.py "
-                            f"prepare makes from it.\nHINT: python data.py prepare --input {data} --tokenizer TOK "
-                            f"--out data/{stem}, then --data data/{stem}.")
-        for _, prefix in parse_blend(data):
-            if not os.path.isfile(prefix + ".idx"):
-                raise UserError(f"--data {data}: {prefix} is neither a prepared data directory (data.py prepare's "
-                                f"--out) nor a Megatron dataset ({prefix}.idx not found).\nHINT: python data.py "
-                                f"prepare --input FILES --tokenizer TOK --out DIR, then --data DIR; or give a "
-                                f"Megatron prefix (PATH without .bin / .idx).")
-        if spec is None:
-            raise UserError(f"--data {data!r} is not a prepared directory, so it is read as a Megatron dataset "
-                            f"(PREFIX.bin + PREFIX.idx, or a blend), and those do not record their tokenizer.\n"
-                            f"HINT: add --tokenizer yuan:PATH/vocab.txt (or bert:..., or the .tiktoken) that "
-                            f"prepared it.")
-        from dataprep.tokenizer import load_tokenizer
-        self.tokenizer, self.tokenizer_spec, self.meta = load_tokenizer(spec)[1], spec, None
-        n_vocab = self.tokenizer["n_vocab"]
-        if val_data is None:
-            if not 0 < val_fraction < 1:
-                raise UserError(f"--val_fraction {val_fraction} must be between 0 and 1 (exclusive).")
-            self.train, self.val = open_megatron(data, self.seq_len, n_vocab, val_fraction)
-        else:
-            self.train = open_megatron(data, self.seq_len, n_vocab)[0]
-            self.val = open_megatron(val_data, self.seq_len, n_vocab)[0]
 
     def _epoch_keys(self, grid, epoch):
         key = (grid, epoch)

@@ -4,7 +4,7 @@ runtime/mpi.py; the tensor- and sequence-parallel layers are parallel.py; keepin
 data_parallel.py.
 
 Ranks are laid out as blocks of `tp` consecutive ranks (one tensor-parallel group, kept inside a node) and the
-data-parallel groups are the strided rest. With 8 ranks and tp=4:
+data-parallel groups are the strided rest (new_groups). With 8 ranks and tp=4:
 
     rank:      0 1 2 3 | 4 5 6 7
     tp group:  [0 1 2 3] [4 5 6 7]          tp_rank = rank % tp
@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from runtime.errors import UserError
 from runtime.mpi import mpi_world
 from recompute import TPRandom
-from runtime.rendezvous import PROBE_TIMEOUT_S, rendezvous
+from runtime.rendezvous import PROBE_TIMEOUT_S, bind_interface, rendezvous
 
 
 @dataclass
@@ -60,19 +60,9 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
     if world % tp:
         raise UserError(f"world size {world} is not divisible by --tp {tp}.\nHINT: launch a multiple of {tp} ranks, "
                         f"or pick --tp among the divisors of {world}.", shared=True)
-    try:
-        asked = torch.device(device) if device else None
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device.\nHINT: cpu, cuda or cuda:N.") from None
-    if asked is not None and asked.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but this torch ({torch.__version__}) sees no CUDA device.\nHINT: --device "
-                        f"cpu, or install the torch build that matches the driver (README, \"Two commands\").")
+    check_device(device)
     if world == 1:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda":
-            dev = torch.device("cuda", dev.index or 0)  # set_device wants an index
-            torch.cuda.set_device(dev)
-        return Dist(device=dev)
+        return Dist(device=pick_device(device))
     rank = comm.Get_rank()
     # CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism, as Megatron-LM requires, unless the user set it: with
     # one hardware work queue per GPU, kernels start in launch order, so the input-gradient all-reduce that
@@ -86,26 +76,25 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
     hosts = comm.allgather(local.bcast(rank, root=0))
     spans_hosts = len(set(hosts)) > 1
     addr, port, ifname = rendezvous(comm, spans_hosts, iface, min(PROBE_TIMEOUT_S, timeout_s))
-    if torch.cuda.is_available() and device != "cpu":
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-        backend = "nccl"
-    else:
-        dev = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        backend = "gloo"
-    kept = {}
-    if ifname:  # gloo's sockets (and NCCL's across hosts) bind this interface, unless the user chose one
-        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")[:2 if spans_hosts else 1]:
-            if os.environ.setdefault(var, ifname) != ifname:
-                kept[var] = os.environ[var]
+    dev = pick_device(device, world, local_rank, local_world)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    kept = bind_interface(ifname, spans_hosts)  # gloo's sockets (NCCL's across hosts) bind ifname, unless user-set
     if backend == "nccl":  # NCCL's watchdog turns a timed-out collective into an error instead of a hang
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(seconds=timeout_s)
-    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                             timeout=timeout)
-    # Every rank must create every group, in the same order, even the groups it is not in. Each gets the timeout
-    # too: new_group does not inherit it (its default is the backend's 30 minutes).
+    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world, timeout=timeout)
+    tp_group, dp_group = new_groups(world, tp, rank, timeout)
+    dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
+                tp_group=tp_group, dp=world // tp, dp_rank=rank // tp, dp_group=dp_group, device=dev,
+                timeout_s=timeout_s)
+    announce(dist, hosts, f"{addr}:{port}", backend, kept, queues)
+    return dist
+
+
+def new_groups(world, tp, rank, timeout):
+    """This rank's tensor-parallel group (a block of tp consecutive ranks) and data-parallel group (ranks tp apart),
+    None for a group of one. Every rank must create every group, in the same order, even the groups it is not in.
+    Each gets the timeout too: new_group does not inherit it (its default is the backend's 30 minutes)."""
     tp_group = dp_group = None
     for start in range(0, world, tp):
         group = tdist.new_group(list(range(start, start + tp)), timeout=timeout)
@@ -115,20 +104,51 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
         group = tdist.new_group(list(range(offset, world, tp)), timeout=timeout)
         if rank % tp == offset:
             dp_group = group
-    dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
-                tp_group=tp_group if tp > 1 else None, dp=world // tp, dp_rank=rank // tp,
-                dp_group=dp_group if world // tp > 1 else None, device=dev, timeout_s=timeout_s)
-    split = [list(range(s, s + tp)) for s in range(0, world, tp) if len(set(hosts[s:s + tp])) > 1]
+    return tp_group if tp > 1 else None, dp_group if world // tp > 1 else None
+
+
+def check_device(device):
+    """--device: '' (a GPU if torch sees one, else the CPU), cpu, cuda or cuda:N; checked before anything starts."""
+    try:
+        asked = torch.device(device) if device else None
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device.\nHINT: cpu, cuda or cuda:N.") from None
+    if asked is not None and asked.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but this torch ({torch.__version__}) sees no CUDA device.\nHINT: --device "
+                        f"cpu, or install the torch build that matches the driver (README, \"Two commands\").")
+
+
+def pick_device(device, world=1, local_rank=0, local_world=1):
+    """This rank's device, made current. A world of one: --device as given, else a GPU if torch sees one. Several
+    ranks: GPU local_rank (round robin over the host's GPUs) unless --device cpu or torch sees none; on the CPU, the
+    host's cores shared by its ranks."""
+    if world == 1:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = torch.device("cuda", dev.index or 0) if dev.type == "cuda" else dev  # set_device wants an index
+    elif torch.cuda.is_available() and device != "cpu":
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        dev = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def announce(dist, hosts, where, backend, kept, queues):
+    """Rank 0's words after the start: tensor-parallel groups that span hosts (each layer's all-reduce then crosses
+    the network), the hosts and where they met, and the settings the user's environment kept."""
+    tp = dist.tp
+    split = [list(range(s, s + tp)) for s in range(0, dist.world, tp) if len(set(hosts[s:s + tp])) > 1]
     if split:
         dist.print0(f"warning: {len(split)} tensor-parallel group(s) span hosts (ranks {split[0]} first), so every "
                     f"layer's all-reduce crosses the network.\nHINT: place ranks in blocks of --tp per host "
                     f"(mpiexec -ppn N, Open MPI --map-by ppr:N:node, N a multiple of --tp).")
-    if spans_hosts:
-        dist.print0(f"{len(set(hosts))} hosts, {world} ranks; rendezvous at {addr}:{port}; rank 0's gloo/NCCL sockets "
+    if len(set(hosts)) > 1:
+        dist.print0(f"{len(set(hosts))} hosts, {dist.world} ranks; rendezvous at {where}; rank 0's gloo/NCCL sockets "
                     f"on {os.environ.get('NCCL_SOCKET_IFNAME' if backend == 'nccl' else 'GLOO_SOCKET_IFNAME', '?')}")
-    for var, value in kept.items():
-        dist.print0(f"note: {var}={value} from the environment is kept (the interface that reaches rank 0 is {ifname})")
+    for note in kept:
+        dist.print0(note)
     if queues != "1":
         dist.print0(f"note: CUDA_DEVICE_MAX_CONNECTIONS={queues} from the environment is kept; Megatron-LM uses 1 "
                     f"with tensor parallelism, so that the backward's all-reduce is not queued behind a GEMM")
-    return dist

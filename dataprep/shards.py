@@ -1,5 +1,5 @@
-"""The token shard format, shared by the writer (dataprep/prepare.py) and the reader (data.py), which import it; it
-imports neither. A shard is a 64-byte header (HEADER) followed by uint16 token ids:
+"""The token shard format, shared by the writer (dataprep/prepare.py) and the reader (dataprep/windows.py), which
+import it; it imports neither. A shard is a 64-byte header (HEADER) followed by uint16 token ids:
 
     magic "NYUANTOK", format version, vocabulary size, token count, the tokenizer's hash (16 bytes), zero padding
 
@@ -75,7 +75,8 @@ def read_header(path, n_vocab=None, tok_hash=None, count=None):
 
 
 def open_tokens(path, n_vocab=None, tok_hash=None, count=None):
-    """Memory-map a token file after read_header's checks (a numpy view of an mmap object, see TokenShards)."""
+    """Memory-map a token file after read_header's checks (a numpy view of an mmap object: see TokenShards.release in
+    windows.py)."""
     n = read_header(path, n_vocab, tok_hash, count)
     if n == 0:
         return None, np.zeros(0, dtype=np.uint16)

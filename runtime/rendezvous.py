@@ -1,5 +1,6 @@
 """Where the ranks meet: the address rank 0 offers for torch.distributed's rendezvous, and the network interface each
-rank's gloo and NCCL sockets bind. Torch-free, over MPI (mpi4py); distributed.py calls rendezvous() once.
+rank's gloo and NCCL sockets bind. Torch-free, over MPI (mpi4py); distributed.py calls rendezvous() once, then
+bind_interface() with the interface it returned.
 
 Why this is not just `gethostbyname(gethostname())`: on many Debian/Ubuntu nodes /etc/hosts maps the host's name to
 a loopback address (127.0.1.1), and gloo and NCCL pick their own address the same way unless GLOO_SOCKET_IFNAME /
@@ -157,3 +158,15 @@ def rendezvous(comm, spans_hosts, iface="", timeout_s=PROBE_TIMEOUT_S):
                             f"out and the interface that reaches rank 0 is used on each host.", shared=True)
         return addr, port, iface
     return addr, port, mine[i][1]
+
+
+def bind_interface(ifname, spans_hosts):
+    """Point gloo's sockets (and NCCL's, across hosts) at ifname, rendezvous()'s interface for this rank, unless the
+    user set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME: then a note for each variable kept."""
+    notes = []
+    if ifname:  # '' = the backend's own choice
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")[:2 if spans_hosts else 1]:
+            if os.environ.setdefault(var, ifname) != ifname:
+                notes.append(f"note: {var}={os.environ[var]} from the environment is kept (the interface that "
+                             f"reaches rank 0 is {ifname})")
+    return notes

@@ -1,4 +1,5 @@
-"""The shard format and the training reader (data.py). Preparing the shards is tests/test_prepare.py."""
+"""The shard format and the training reader (data.py, opening the data with dataprep/windows.py). Preparing the shards
+is tests/test_prepare.py."""
 import json
 import os
 import shutil
@@ -6,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from data import Batches, TokenShards, permute
+from data import Batches, permute
 from dataprep.shards import HEADER, HEADER_BYTES, META_VERSION, open_tokens, write_tokens
+from dataprep.windows import TokenShards
 from runtime.errors import UserError
 
 TOK = dict(name="synthetic", hash="ab" * 32, n_vocab=1000, eot=999)
