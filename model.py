@@ -183,13 +183,12 @@ class Yuan(nn.Module):
         if cfg.n_head % tp or cfg.ffn_hidden % tp:
             raise UserError(f"n_head = {cfg.n_head} and ffn_hidden = {cfg.ffn_hidden} must both be divisible by "
                             f"tp = {tp}.")
-        self.sp, self.recompute = sequence_parallel and tp > 1, recompute
+        self.sp, self.recompute, self.overlap = sequence_parallel and tp > 1, recompute, overlap
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist, self.sp)  # also the LM head (tied)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions (replicated)
         self.drop = Dropout(cfg.dropout, self.dist, self.sp)
         self.blocks = nn.ModuleList(Block(cfg, self.dist, self.sp, overlap, recompute) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.overlap = overlap
         self.init_weights(seed)
         if self.sp:  # every replicated parameter now sees only this rank's tokens: its gradient is summed over tp
             for p in self.parameters():  # (parallel.sync_sequence_parallel_grads, called by the gradient reducer)

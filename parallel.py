@@ -116,12 +116,12 @@ class GatherFromSequence(torch.autograd.Function):
     them and each rank keeps its own tokens' share."""
 
     @staticmethod
-    def forward(ctx, x, dist):
+    def forward(ctx, x, dist):  # [B, T/tp, C] -> [B, T, C]
         ctx.dist = dist
         return all_gather_seq(x, dist)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # [B, T, C], partial -> this rank's [B, T/tp, C] of the sum
         return reduce_scatter_seq(grad.contiguous(), ctx.dist), None
 
 
@@ -131,12 +131,12 @@ class ReduceScatterToSequence(torch.autograd.Function):
     partial product, so backward gathers them."""
 
     @staticmethod
-    def forward(ctx, x, dist):
+    def forward(ctx, x, dist):  # [B, T, C], partial sums -> this rank's [B, T/tp, C] of their sum
         ctx.dist = dist
         return reduce_scatter_seq(x, dist)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # [B, T/tp, C] -> [B, T, C]
         return all_gather_seq(grad, ctx.dist), None
 
 

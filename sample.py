@@ -9,34 +9,16 @@ Loads the newest complete checkpoint in --out (or --step N, or --ckpt PATH), wha
 Yuan.generate) and stops a sample at <|endoftext|>. The speed goes to stderr, the text to stdout.
 """
 import argparse
-import os
 import sys
 import time
-from dataclasses import replace
 
 from runtime.errors import require
 
 require("torch")  # a clear hint when run outside .venv
 import torch
 
-from runtime.checkpoint import config_of, consolidated, load_checkpoint, run_tokenizer
+from runtime.checkpoint import load_model
 from runtime.errors import UserError
-from model import Yuan
-
-
-def load_model(args):
-    """(model in eval mode, tokenizer (dataprep/tokenizer.py), its identity, checkpoint step, where it came from)."""
-    if args.ckpt:
-        ckpt, where = load_checkpoint(args.ckpt), args.ckpt
-        if ckpt["layout"]["tp"] > 1:
-            raise UserError(f"{args.ckpt} is one of {ckpt['layout']['tp']} tensor-parallel shards.\nHINT: pass "
-                            f"--out DIR (and --step N): every shard is then merged.")
-    else:
-        ckpt, where = consolidated(args.out, args.step)  # any tensor-parallel layout, merged
-    enc, tok = run_tokenizer(os.path.dirname(args.ckpt) if args.ckpt else args.out, ckpt)
-    model = Yuan(replace(config_of(ckpt), dropout=0.0))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), enc, tok, ckpt["step"], where
 
 
 def read_prompt(args):
@@ -52,7 +34,7 @@ def read_prompt(args):
 
 
 def sample(args):
-    model, enc, tok, step, where = load_model(args)
+    model, enc, tok, step, where = load_model(args.out, args.step, args.ckpt)  # any tensor-parallel layout
     text = read_prompt(args)
     prompt = enc.encode_ordinary(text.replace("<n>", "\n")) or [tok["eot"]]
     idx = torch.tensor([prompt] * args.num_samples)  # [B, T0]

@@ -8,7 +8,6 @@ runtime/checkpoint.py; metrics.jsonl and the output directory, runtime/run_dir.p
 Every field of the model's ModelConfig (model.py) and the run's TrainConfig (runtime/config.py) can be set as
 --FIELD VALUE (dashes or underscores); the command line is read in runtime/config.py.
 """
-import json
 import math
 import os
 import sys
@@ -25,9 +24,9 @@ from distributed import init_distributed
 from runtime.errors import UserError
 from mixed_precision import LossScaler, MasterAdamW, use_master_weights
 from model import Yuan, flops_per_token, pad_vocab
-from runtime.config import make_config, parse_args, plan_from_args, record
+from runtime.config import make_config, parse_args, plan_from_args, save_record
 from runtime.mpi import run_or_abort
-from tools.plan import PEAK_TFLOPS, lookup
+from tools.plan import peak_flops
 from runtime.checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
 from runtime.run_dir import Console, Metrics, Score, announce, prepare_out_dir
 from runtime.stopping import Stopping
@@ -37,7 +36,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Mixed precision, schedule, throughput
+# The schedule, the dtype
 
 
 def lr_at(step, cfg):
@@ -47,16 +46,6 @@ def lr_at(step, cfg):
         return cfg.lr * step / max(cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / max(decay_steps - cfg.warmup_steps, 1), 1.0)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def peak_flops(cfg, device):
-    """Peak FLOP/s of one device for cfg.dtype: --peak_tflops, else the PEAK_TFLOPS table, else None (CPU, unknown)."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    peak = (lookup(PEAK_TFLOPS, torch.cuda.get_device_name(device)) or {}).get(cfg.dtype)
-    return peak * 1e12 if peak else None
 
 
 def resolve_dtype(cfg, device):
@@ -148,13 +137,9 @@ def open_data(cfg, opts, dist):
                         f"--batch_tokens to a multiple, e.g. "
                         f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
     grad_accum = cfg.batch_tokens // tokens_per_micro
-    try:
-        val_fraction = float(opts["val_fraction"] or 0.01)
-    except ValueError:
-        raise UserError(f"--val_fraction takes a number, got {opts['val_fraction']!r}.") from None
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
                    accum=grad_accum, pin_memory=dist.device.type == "cuda",  # pinned: train_step's copies overlap
-                   tokenizer=opts["tokenizer"], val_data=opts["val_data"], val_fraction=val_fraction)
+                   tokenizer=opts["tokenizer"], val_data=opts["val_data"], val_fraction=opts["val_fraction"])
     return data, grad_accum
 
 
@@ -191,8 +176,7 @@ def setup(opts, flags, overrides):
     r.metrics = Metrics(out, r.step, enabled=dist.rank == 0, tensorboard=tensorboard)
     r.score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
     if r.step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(record(cfg, opts, r.data.tokenizer_spec), f, indent=1)
+        save_record(out, cfg, opts, r.data.tokenizer_spec)  # OUT/config.json
     announce(opts["preset"], cfg, dist, r.model, r.grad_accum)  # the layout, on the console
     r.console = Console(cfg, r.step, enabled=dist.rank == 0)  # a bar on a terminal, plain lines in a batch log
     r.peak, r.flops = peak_flops(cfg, dist.device), flops_per_token(cfg)

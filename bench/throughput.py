@@ -33,7 +33,8 @@ from runtime.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
 from runtime.mpi import run_or_abort  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from tools.plan import estimate  # noqa: E402
-from train import LossScaler, build, peak_flops, resolve_dtype, train_step  # noqa: E402
+from tools.plan import peak_flops  # noqa: E402
+from train import LossScaler, build, resolve_dtype, train_step  # noqa: E402
 
 BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 4, "json": ""}
 

@@ -233,6 +233,23 @@ def consolidated(out, step=None):
     return ckpt, where
 
 
+def load_model(out=None, step=None, path=None):
+    """For sample.py: (the model in eval mode, fp32, one process; its tokenizer (dataprep/tokenizer.py) and that
+    tokenizer's identity; the checkpoint's step; where it came from). From the checkpoint file `path` (tp = 1), or
+    the newest complete step in out (or `step`) whatever layout wrote it, merged."""
+    if path:
+        ckpt, where = load_checkpoint(path), path
+        if ckpt["layout"]["tp"] > 1:
+            raise UserError(f"{path} is one of {ckpt['layout']['tp']} tensor-parallel shards.\nHINT: pass "
+                            f"--out DIR (and --step N): every shard is then merged.")
+    else:
+        ckpt, where = consolidated(out, step)
+    enc, tok = run_tokenizer(os.path.dirname(path) if path else out, ckpt)
+    model = Yuan(replace(config_of(ckpt), dropout=0.0))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), enc, tok, ckpt["step"], where
+
+
 def resume(out, model, opt, scaler, cfg, tokenizer, dist):
     """--resume: load the newest checkpoint whose every shard every rank can read (model, optimizer, loss scale,
     every generator) and return its step; 0 when out holds none. An unreadable newest one (truncated by a crash, a

@@ -10,6 +10,7 @@ A preset (PRESETS) fills in both kinds of field; the command line overrides it.
 """
 import difflib
 import inspect
+import json
 import math
 import os
 import re
@@ -159,8 +160,10 @@ OPTIONS = """\
 def usage(doc):
     """doc (train.py's docstring), the options, then every field of ModelConfig and TrainConfig with its type,
     default and the comment beside it in the source."""
-    lines = [doc, OPTIONS.format(presets=" | ".join(PRESETS)), "Config fields (defaults before the preset's values):"]
-    for cls in (ModelConfig, TrainConfig):
+    lines = [doc, OPTIONS.format(presets=" | ".join(PRESETS)), "Config fields (defaults before the preset's values)"]
+    for cls, what in ((ModelConfig, "the model (model.py), what a checkpoint carries"),
+                      (TrainConfig, "the run (runtime/config.py)")):
+        lines.append(f"  {cls.__name__}: {what}")
         for line in inspect.getsource(cls).splitlines():
             m = re.match(r"\s+(\w+): (\w+) = ([^#]+?)\s*(?:#\s*(.*))?$", line)
             if m:
@@ -221,11 +224,15 @@ def parse_args(argv, doc=""):
             close = difflib.get_close_matches(key, valid, n=1)
             raise UserError(f"unknown option --{key}." + (f" Did you mean --{close[0]}?" if close else "") +
                             f"\nValid: {', '.join('--' + k for k in valid)}")
-    check_required(opts, flags)
+    check_options(opts, flags)
     return opts, flags, overrides
 
 
-def check_required(opts, flags):
+def check_options(opts, flags):
+    try:
+        opts["val_fraction"] = float(opts["val_fraction"] or 0.01)
+    except ValueError:
+        raise UserError(f"--val_fraction takes a number, got {opts['val_fraction']!r}.") from None
     plan_only = ("gpus", "gpu", "gpu_mem", "mfu", "tokens")
     if not flags["plan"] and any(opts[k] is not None for k in plan_only):
         raise UserError(f"--{next(k for k in plan_only if opts[k] is not None)} belongs to --plan.")
@@ -257,7 +264,8 @@ def absolute(data):
     return " ".join(("" if w is None else f"{w:g} ") + os.path.abspath(p) for w, p in parse_blend(data))
 
 
-def record(cfg, opts, tokenizer_spec):
-    """config.json's content: a record for people (on resume the checkpoint's config is the one that counts)."""
-    return {"preset": opts["preset"], **asdict(cfg), "data": absolute(opts["data"]),
-            "val_data": absolute(opts["val_data"]), "tokenizer": tokenizer_spec}
+def save_record(out, cfg, opts, tokenizer_spec):
+    """OUT/config.json: a record of the run for people (on resume the checkpoint's config is the one that counts)."""
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"preset": opts["preset"], **asdict(cfg), "data": absolute(opts["data"]),
+                   "val_data": absolute(opts["val_data"]), "tokenizer": tokenizer_spec}, f, indent=1)

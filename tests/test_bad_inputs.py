@@ -2,13 +2,15 @@
 message that names the problem. {data} is a prepared data directory, {out} a fresh output directory, {run} a
 finished tiny run (checkpoints), {file} an existing plain file, {badmeta} a data directory whose meta.json is
 damaged."""
-import concurrent.futures
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import SMALL, run
+from conftest import ROOT, SMALL, run
 
 TRAIN = [*SMALL, "--data", "{data}", "--out", "{out}"]
 CASES = [
@@ -102,17 +104,19 @@ def places(prepared, corpus, tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def outcomes(places, tmp_path_factory):
-    """Every case run once, two at a time: each is a process that spends most of its second importing torch, so the
-    two cores halve the wait. The earlier run's files are listed before and after all of them."""
+    """Every case run once, each as its own process forked from one that has imported torch (tests/forked.py), two
+    at a time. The earlier run's files are listed before and after all of them."""
     base = tmp_path_factory.mktemp("cases")
     before = sorted(os.listdir(places["run"]))
-
-    def one(i):
-        script, args, _ = CASES[i]
-        return run(script, *[a.format(**places, out=base / f"{i:02d}" / "out") for a in map(str, args)],
-                   check=False)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(one, range(len(CASES))))
+    cases = []
+    for i, (script, args, _) in enumerate(CASES):
+        args = [a.format(**places, out=base / f"{i:02d}" / "out") for a in map(str, args)]
+        cases.append([script, args, str(base / f"{i:02d}.stdout"), str(base / f"{i:02d}.stderr")])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "forked.py")], input=json.dumps(cases),
+                          capture_output=True, text=True, timeout=600, check=True)
+    read = lambda path: open(path, encoding="utf-8", errors="replace").read()  # noqa: E731
+    procs = [subprocess.CompletedProcess(c[:2], code, read(c[2]), read(c[3]))
+             for c, code in zip(cases, json.loads(proc.stdout))]
     return procs, before, sorted(os.listdir(places["run"]))
 
 

@@ -41,14 +41,14 @@ def reference(prepared, tmp_path_factory):
 SP = ["--sequence_parallel", "true"]
 
 
-@pytest.mark.parametrize("n, tp, extra", [(2, 2, []), (2, 1, []), (4, 2, []), (2, 2, ["--recompute", "full"]),
-                                          (1, 1, ["--zero1", "true"]), (2, 1, ["--zero1", "true"]),
+@pytest.mark.parametrize("n, tp, extra", [(2, 2, []), (2, 1, []), (4, 2, []), (1, 1, ["--zero1", "true"]),
+                                          (2, 1, ["--zero1", "true"]),
                                           (4, 2, ["--zero1", "true", "--bucket_mb", 0.01]), (4, 2, SP),
                                           (4, 2, [*SP, "--zero1", "true", "--recompute", "full"]),
                                           (2, 2, [*SP, "--compile", "true"]),
                                           (1, 1, ["--compile", "true", "--recompute", "full"]),
                                           (2, 2, [*SP, "--overlap", "false"])],
-                         ids=["tp2", "dp2", "tp2xdp2", "tp2-recompute-full", "zero1", "dp2-zero1", "tp2xdp2-zero1-small-buckets",
+                         ids=["tp2", "dp2", "tp2xdp2", "zero1", "dp2-zero1", "tp2xdp2-zero1-small-buckets",
                               "tp2xdp2-sp", "tp2xdp2-sp-zero1-recompute-full", "tp2-sp-compile",
                               "compile-recompute-full", "tp2-sp-plain-path"])
 def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra):

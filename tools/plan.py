@@ -122,6 +122,17 @@ def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
     return r["mfu"], f"projected by bench/roofline.py for {key}, {r['assumes'].split(':')[0]} kernels"
 
 
+def peak_flops(cfg, device):
+    """Peak FLOP/s of one device for cfg.dtype: --peak_tflops, else the PEAK_TFLOPS table, else None (CPU, unknown)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    import torch  # here, not at the top: the planner itself allocates nothing and needs no GPU
+    peak = (lookup(PEAK_TFLOPS, torch.cuda.get_device_name(device)) or {}).get(cfg.dtype)
+    return peak * 1e12 if peak else None
+
+
 def gpu_dtype(cfg, gpu):
     """The dtype a run on this GPU uses: --dtype, or for "auto" fp16 on V100 (no bf16) and bf16 elsewhere."""
     return cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
