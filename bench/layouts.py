@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runtime.errors import UserError  # noqa: E402
 from runtime.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
 from tools.plan import GPU_MEM_GB, SLACK_GB, estimate, lookup  # noqa: E402
-from roofline import CATEGORIES, GPUS, GPUS_PER_NODE, project  # noqa: E402
+from roofline import CATEGORIES, GPUS, GPUS_PER_NODE, PESSIMISM, project  # noqa: E402
 
 
 def candidates(cfg, gpus):
@@ -93,17 +93,21 @@ def main(argv):
     print(f"{opts['preset']} on {gpus} x {opts['gpu']}, {rows[0]['dtype']}, micro-batch {rows[0]['micro_batch']} x "
           f"{rows[0]['seq_len']}, recompute {rows[0]['recompute']}; projected by bench/roofline.py "
           f"({rows[0]['assumes'].split(':')[0]}), memory by tools/plan.py\n"
-          f"{'layout':<28} {'memory GB':>10} {'fits':>5} {'tokens/s':>10} {'MFU':>6} {'exposed comm s':>15}")
+          f"{'layout':<28} {'memory GB':>10} {'fits':>5} {'tokens/s (pessimistic)':>23} {'MFU (pessimistic)':>18} "
+          f"{'exposed comm s':>15}")
     for r in rows:
-        print(f"{name(r):<28} {r['memory_gb']:>10.1f} {'yes' if r['fits'] else 'no':>5} {r['tokens_per_s']:>10,.0f} "
-              f"{r['mfu']:>6.1%} {r['seconds_by_category']['communication']:>15.2f}")
+        print(f"{name(r):<28} {r['memory_gb']:>10.1f} {'yes' if r['fits'] else 'no':>5} "
+              f"{r['tokens_per_s']:>10,.0f} ({r['tokens_per_s'] / PESSIMISM:>9,.0f}) "
+              f"{r['mfu']:>7.1%} ({r['mfu'] / PESSIMISM:>6.1%}) {r['seconds_by_category']['communication']:>15.2f}")
     best = rows[0]
     if not best["fits"]:
         print(f"no layout fits {best['gpu_mem_gb']} GB per GPU: try --recompute full or a smaller --micro_batch")
     else:
         others = [r for r in rows[1:] if r["fits"]]
         hours = 1e9 / best["tokens_per_s"] / 3600
-        print(f"pick: {name(best)}, {best['mfu']:.1%} MFU, 1B tokens in {hours:.2f} h, {best['memory_gb']:.1f} of "
+        print(f"pick: {name(best)}, {best['mfu']:.1%} MFU ({best['mfu'] / PESSIMISM:.1%} pessimistic: the projection / "
+              f"{PESSIMISM:.2f}, bench/RESULTS.md), 1B tokens in {hours:.2f} h ({hours * PESSIMISM:.2f} h), "
+              f"{best['memory_gb']:.1f} of "
               f"{best['gpu_mem_gb']} GB per GPU" +
               (f"; against {name(others[0])}: {why(best, others[0])}" if others else ""))
     if opts["json"]:

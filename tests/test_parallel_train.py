@@ -45,12 +45,11 @@ SP = ["--sequence_parallel", "true"]
                                           (2, 1, ["--zero1", "true"]),
                                           (4, 2, ["--zero1", "true", "--bucket_mb", 0.01]), (4, 2, SP),
                                           (4, 2, [*SP, "--zero1", "true", "--recompute", "full"]),
-                                          (2, 2, [*SP, "--compile", "true"]),
-                                          (1, 1, ["--compile", "true", "--recompute", "full"]),
+                                          (2, 2, [*SP, "--compile", "true", "--recompute", "full"]),
                                           (2, 2, [*SP, "--overlap", "false"])],
                          ids=["tp2", "dp2", "tp2xdp2", "zero1", "dp2-zero1", "tp2xdp2-zero1-small-buckets",
-                              "tp2xdp2-sp", "tp2xdp2-sp-zero1-recompute-full", "tp2-sp-compile",
-                              "compile-recompute-full", "tp2-sp-plain-path"])
+                              "tp2xdp2-sp", "tp2xdp2-sp-zero1-recompute-full", "tp2-sp-compile-recompute-full",
+                              "tp2-sp-plain-path"])
 def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra):
     mpi_train(n, *SMALL, "--data", prepared, "--out", tmp_path / "run", "--max_steps", 5, "--tp", tp, *extra)
     train, val, norms = losses(tmp_path / "run")
@@ -63,8 +62,9 @@ def test_parallel_equals_one_process(prepared, tmp_path, reference, n, tp, extra
 
 def test_resume_exact_at_tp2_and_resharded_at_another_layout(prepared, tmp_path):
     """A tp 2 run stopped at step 6 and resumed: at tp 2 bit for bit; at tp 1 and tp 4 (the checkpoint's shards
-    merged and cut again: weights, AdamW moments) and from a tp 1 checkpoint at tp 2 x dp 2 with ZeRO-1, the
-    losses of steps 7-10 within 1e-5 of the uninterrupted run."""
+    merged and cut again: weights, AdamW moments), the losses of steps 7-10 within 1e-5 of the uninterrupted run.
+    (A tp 1 checkpoint cut for tp 2: test_reshard_keeps_the_checkpoints_vocabulary_padding; ZeRO-1 from a plain
+    checkpoint: test_zero1_resume_is_exact_and_checkpoints_are_plain.)"""
     common = [*SMALL, "--data", prepared, "--lr_decay_steps", 10, "--ckpt_interval", 3]
     keys = ("step", "loss", "lr", "grad_norm")  # the stopped run evaluated at step 6 too: training rows only
     strip = lambda rows: [{k: r[k] for k in keys} for r in rows if "loss" in r]  # noqa: E731
@@ -72,17 +72,14 @@ def test_resume_exact_at_tp2_and_resharded_at_another_layout(prepared, tmp_path)
     uninterrupted = losses(tmp_path / "a")
     uninterrupted = (uninterrupted[0], uninterrupted[1][-1:], uninterrupted[2])
     mpi_train(2, *common, "--tp", 2, "--out", tmp_path / "b", "--max_steps", 6)
-    run("train.py", *common, "--out", tmp_path / "c", "--max_steps", 6)
     for run_dir in ("b1", "b2", "b4"):
         shutil.copytree(tmp_path / "b", tmp_path / run_dir)
-    shutil.copytree(tmp_path / "c", tmp_path / "c4")
     mpi_train(2, *common, "--tp", 2, "--out", tmp_path / "b2", "--max_steps", 10, "--resume")
     assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b2"))
     proc = run("train.py", *common, "--out", tmp_path / "b1", "--max_steps", 10, "--resume")
     assert "step 6 was written at tp 2; resharded to tp 1" in proc.stdout
     mpi_train(4, *common, "--tp", 4, "--out", tmp_path / "b4", "--max_steps", 10, "--resume")
-    mpi_train(4, *common, "--tp", 2, "--zero1", "true", "--out", tmp_path / "c4", "--max_steps", 10, "--resume")
-    for run_dir in ("b1", "b4", "c4"):
+    for run_dir in ("b1", "b4"):
         resumed = losses(tmp_path / run_dir)
         resumed = (resumed[0], resumed[1][-1:], resumed[2])  # every training row, and step 10's val loss
         for got, want in zip(resumed, uninterrupted):
@@ -148,8 +145,9 @@ def test_zero1_resume_is_exact_and_checkpoints_are_plain(prepared, tmp_path):
     holds the ordinary (gathered) AdamW state, so the same run also resumes without --zero1."""
     common = [*SMALL, "--data", prepared, "--lr_decay_steps", 10, "--ckpt_interval", 5]
     mpi_train(2, *common, "--zero1", "true", "--out", tmp_path / "a", "--max_steps", 10)
+    mpi_train(2, *common, "--zero1", "true", "--out", tmp_path / "b", "--max_steps", 5)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
     for name, extra in (("b", ["--zero1", "true"]), ("c", [])):
-        mpi_train(2, *common, "--zero1", "true", "--out", tmp_path / name, "--max_steps", 5)
         mpi_train(2, *common, *extra, "--out", tmp_path / name, "--max_steps", 10, "--resume")
     keys = ("step", "loss", "lr", "grad_norm", "val_loss")
     strip = lambda rows: [{k: r[k] for k in keys if k in r} for r in rows]  # noqa: E731

@@ -82,8 +82,11 @@ def test_plan_cli_and_the_issue_goals(capsys, monkeypatch):
     args, kwargs, projected = calls[-1]
     assert args == ("yuan-4.7b", {"tp": 1, "recompute": "full", "dtype": "bf16"}, "H200", 1, 1)
     assert kwargs == {"accum": 512} and r["mfu"] == projected["mfu"]
+    # a projection comes with its pessimistic end: the projection / roofline.PESSIMISM (bench/anchors.py)
+    assert r["mfu_pessimistic"] == pytest.approx(r["mfu"] / roofline.PESSIMISM)
+    assert r["hours_pessimistic"] == pytest.approx(r["hours"] * roofline.PESSIMISM)
     given = plan("yuan-4.7b", {"tp": 8}, mfu=0.3, as_json=True)
-    assert given["mfu"] == 0.3 and given["mfu_source"] == "given"
+    assert given["mfu"] == 0.3 and given["mfu_source"] == "given" and given["mfu_pessimistic"] is None
     r = plan("yuan-4.7b", {"tp": 1}, gpu="H100", as_json=True)
     assert not r["fits"] and r["layouts_that_fit"] == [] and r["hours"] is None  # 4.7B with AdamW: over 75 GB
     capsys.readouterr()

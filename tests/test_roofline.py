@@ -126,6 +126,74 @@ def test_compile_prices_fused_runs():
     assert fused["bytes_per_token_outside_matmul_attention"] < 0.8 * eager["bytes_per_token_outside_matmul_attention"]
 
 
+def test_gemm_efficiency_by_hand():
+    """Tile and wave quantization (bench/roofline.py, TILES and SPLIT_K_MIN), on a GPU of 4 or 8 SMs."""
+    eff = roofline.gemm_efficiency
+    # 256 x 640 on 4 SMs: 256x128 tiles: 5 tiles, 2 waves of 4 -> 5/8; 128x256: 6 tiles, padding 640/768, 2 waves
+    # -> 5/6 x 6/8 = 5/8; 128x128: 10 tiles, no padding, 3 waves -> 10/12, the best
+    assert eff(1, 256, 640, 256, 4) == pytest.approx(10 / 12)
+    assert eff(1, 256, 128 * 8, 4096, 4) == 1.0  # 8 tiles of 256x128: two full waves
+    # one 128x128 tile on 8 SMs: K = 4096 splits 8 ways (4096 / 8 = 512 = SPLIT_K_MIN each): all SMs busy; with
+    # K = 1024 only 2 ways: 2 of 8 SMs
+    assert eff(1, 128, 128, 4096, 8) == 1.0 and eff(1, 128, 128, 1024, 8) == pytest.approx(2 / 8)
+    assert eff(3, 100, 128, 64, 8) == pytest.approx(3 * 100 / (3 * 128) * 3 / 8)  # batched, padded, one part-wave
+
+
+def test_attention_at_flashattention2s_published_speed():
+    """attention_seconds (bench/roofline.py, FA2): a published point, and one between four of them."""
+    A100 = roofline.FA2["A100"]
+    f = 3e12  # recorded FLOPs of a forward and its backward: 3 x the forward's 4 B h T^2 hd
+    # causal, head dim 64, T = 1024: 119 TFLOP/s over the figure's FLOPs, 3.5 x forward / 2 = f x 3.5 / 3 / 2
+    assert roofline.attention_seconds(f, 64, 1024, True, A100) == pytest.approx(f * 3.5 / 3 / 2 / 119e12)
+    assert roofline.attention_seconds(f, 64, 1024, False, A100) == pytest.approx(f * 3.5 / 3 / 153e12)
+    # head dim 96, T = 2^10.5: halfway in both: (119 + 140) / 2 at 64, (133 + 155) / 2 at 128, then their mean
+    rate = ((119 + 140) / 2 + (133 + 155) / 2) / 2
+    assert roofline.attention_seconds(f, 96, 2 ** 10.5, True, A100) == pytest.approx(f * 3.5 / 6 / (rate * 1e12))
+    assert roofline.attention_seconds(f, 256, 1 << 20, True, A100) == pytest.approx(f * 3.5 / 6 / 189e12)  # clamped
+    # in the price: a bf16 step on H100 times its attention ops so (fp32 has no published figure: the fraction)
+    r, ops = project(accum=2, dtype="bf16")
+    attn = [op for op in ops if op["cat"] == "attention"]
+    assert attn and all(op["attn"] == (H // NH, T, True) for op in attn)
+    for op in attn:
+        want = roofline.attention_seconds(op["flops"], *op["attn"], roofline.FA2["H100"])
+        assert op["s"] == pytest.approx(max(want, op["bytes"] / (3350e9 * 0.85), roofline.LAUNCH_S))
+
+
+def test_gemm_efficiency_and_launch_in_the_price():
+    """Each matmul's time is its FLOPs at peak x mm x gemm_efficiency (or its bytes, whichever is longer); no
+    kernel is shorter than LAUNCH_S; the CPU (no SMs) is priced without quantization."""
+    r, ops = project(accum=2)
+    spec = roofline.GPUS["H100"]
+    for op in ops:
+        if op["cat"] == "communication":
+            continue
+        assert op["s"] >= roofline.LAUNCH_S
+        if op["cat"] == "matmul":
+            compute = op["flops"] / (spec["fp32"] * 1e12 * spec["mm"] * roofline.gemm_efficiency(*op["mnk"], 132))
+            assert op["s"] == pytest.approx(max(compute, op["bytes"] / (spec["hbm"] * 1e9 * 0.85), roofline.LAUNCH_S))
+    tiny_ops = [op for op in ops if op["cat"] == "elementwise" and op["bytes"] < 1000]
+    assert tiny_ops and all(op["s"] == roofline.LAUNCH_S for op in tiny_ops)  # launch-bound
+    launches = sum(1 for op in ops if op["cat"] != "communication")
+    assert r["step_s"] >= launches * roofline.LAUNCH_S
+    cpu = dict(fp32=1.0, hbm=10.0, nvlink=1.0, ib=1.0, mm=1.0, attn=1.0, mem=1.0, launch_s=2e-6)
+    priced = roofline.price([dict(op, s=0) for op in ops if op["cat"] == "matmul"][:1], cpu, 1, 1)[0]
+    assert priced["s"] == pytest.approx(max(priced["flops"] / 1e12, priced["bytes"] / 1e10, 2e-6))
+
+
+def test_pessimism_is_the_largest_excess_over_a_published_measurement():
+    """PESSIMISM is the largest projected / measured of bench/anchors.py's anchors, as recorded when it was set
+    (tests/data/anchors.json: `bench/anchors.py --json`, bench/RESULTS.md); each anchor's configuration builds."""
+    import json
+    import anchors
+    with open(os.path.join(ROOT, "tests", "data", "anchors.json")) as f:
+        rows = json.load(f)
+    assert [r["anchor"] for r in rows] == [a["name"] for a in anchors.ANCHORS]
+    assert roofline.PESSIMISM == round(max(r["projected_over_measured"] for r in rows), 2)
+    for a in anchors.ANCHORS:
+        cfg = make_config("small", **a["overrides"], tp=a["tp"])
+        assert cfg.batch_tokens and a["gpu"] in roofline.GPUS and ("measured_step_s" in a) != ("measured_mfu" in a)
+
+
 def test_layouts_pick_the_fastest_that_fits():
     """bench/layouts.py: every split of 4 GPUs (tp 4, 2, 1; ZeRO-1 off and on where dp > 1), fastest first among
     those that fit; with too little memory per GPU, none fits; ZeRO-1 is what lets a layout fit in between."""

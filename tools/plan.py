@@ -108,6 +108,13 @@ def lookup(table, gpu):
 ASSUMED_MFU = 0.45  # the time estimate's MFU for a GPU that bench/roofline.py's table lacks (e.g. L40S)
 
 
+def pessimism():
+    """bench/roofline.py's PESSIMISM (imported on demand, as projected_mfu does)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import roofline
+    return roofline.PESSIMISM
+
+
 def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
     """(MFU, where it comes from): bench/roofline.py's projection of this layout's training step on this GPU, priced
     from the code's own op stream (a few seconds for yuan-4.7b), or ASSUMED_MFU where its table lacks the GPU."""
@@ -183,12 +190,17 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     else:
         mfu, mfu_source = (mfu, "given") if mfu else projected_mfu(preset, overrides, gpu, tp, dp, dtype)
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak and mfu else None
+    # A projection comes with its pessimistic bound: divided by the largest ratio of projection to a published
+    # measurement of a comparable code (bench/roofline.py's PESSIMISM, bench/anchors.py, bench/RESULTS.md).
+    low = mfu / pessimism() if mfu and mfu_source.startswith("projected") else None
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
                   seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
                   sequence_parallel=cfg.sp, **e,
                   gpu_mem_gb=mem_gb, fits=fits,
                   peak_tflops=peak, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tok_s, tokens=tokens,
-                  hours=tokens / tok_s / 3600 if tok_s else None, params_total=params_per_rank(cfg, 1)[0])
+                  hours=tokens / tok_s / 3600 if tok_s else None, params_total=params_per_rank(cfg, 1)[0],
+                  mfu_pessimistic=low, tokens_per_s_pessimistic=tok_s * low / mfu if low else None,
+                  hours_pessimistic=tokens / (tok_s * low / mfu) / 3600 if low else None)
     if result["fits"] is False:  # which splits of these GPUs would fit, instead of a time for one that cannot run
         result["layouts_that_fit"] = layouts_that_fit(preset, {k: v for k, v in overrides.items() if k != "tp"}, gpu,
                                                       gpus, mem_gb, rank_by_speed=not given)
@@ -232,5 +244,9 @@ def report(result, cfg, e, given):
     if tok_s:
         print(f"at {result['mfu']:.1%} MFU ({result['mfu_source']}) of {result['peak_tflops']:g} TFLOP/s per GPU: "
               f"{tok_s:,.0f} tokens/s; {result['tokens']:.3g} tokens in {result['hours']:.1f} h")
+        if result["mfu_pessimistic"]:
+            print(f"pessimistic: {result['mfu_pessimistic']:.1%} MFU, {result['tokens_per_s_pessimistic']:,.0f} "
+                  f"tokens/s, {result['hours_pessimistic']:.1f} h (the projection / {pessimism():.2f}, its largest excess over a "
+                  f"published measurement: bench/RESULTS.md). Projected, not measured.")
     else:
         print(f"no peak FLOP/s known for {gpu} in {dtype}: pass --peak_tflops for the time estimate")
