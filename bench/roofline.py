@@ -90,7 +90,8 @@ GPUS = {
                       **{"mm": 0.75, "attn": 0.30}),
 }
 # Achieved fractions. mm: cuBLAS on large bf16 GEMMs reaches ~70-80% of peak on H100 (NVIDIA's published GEMM
-# results, ~700-750 TFLOP/s), ~80% on A100 (~250 TFLOP/s), ~75% on V100 (~95 TFLOP/s fp16). attn: FlashAttention-2
+# results, ~700-750 TFLOP/s), ~80% on A100 (~250 TFLOP/s), ~75% on V100 (~95 TFLOP/s fp16). attn (used only where
+# FA2 below has no figure: fp32, V100; kept for the record): FlashAttention-2
 # reaches 50-73% of peak forward, lower backward, on A100 (Dao 2023, section 4): 0.60; on H100 only ~35% (Shah et
 # al. 2024, FlashAttention-3, section 1), which torch's SDPA (FA2 kernels) inherits: 0.35; V100 has no FA2, SDPA
 # falls back to the memory-efficient kernel: 0.30 is an assumption, no published figure at hand.
