@@ -34,6 +34,7 @@ Measured against these formulas on CPU in fp32 (tests/test_plan.py): within 3% f
 tp = 2 with and without sequence parallelism under mpiexec (tests/mpi_plan.py), within 10%. The
 plan assumes flash attention (GPU); CPU attention with dropout stores T x T probabilities the plan leaves out.
 """
+import importlib
 import json
 import os
 import sys
@@ -108,18 +109,16 @@ def lookup(table, gpu):
 ASSUMED_MFU = 0.45  # the time estimate's MFU for a GPU that bench/roofline.py's table lacks (e.g. L40S)
 
 
-def pessimism():
-    """bench/roofline.py's PESSIMISM (imported on demand, as projected_mfu does)."""
+def bench(name):
+    """A module of bench/, imported on demand: bench/roofline.py imports train.py, which imports this file."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import roofline
-    return roofline.PESSIMISM
+    return importlib.import_module(name)
 
 
 def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
     """(MFU, where it comes from): bench/roofline.py's projection of this layout's training step on this GPU, priced
     from the code's own op stream (a few seconds for yuan-4.7b), or ASSUMED_MFU where its table lacks the GPU."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import roofline  # not at the top: bench/roofline.py imports train.py, which imports this file
+    roofline = bench("roofline")
     key = roofline.gpu_key(gpu)
     if key is None or dtype not in roofline.GPUS[key]:
         return ASSUMED_MFU, f"assumed; bench/roofline.py has no {dtype} figures for {gpu}"
@@ -148,10 +147,8 @@ def gpu_dtype(cfg, gpu):
 def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
     """The tp x dp (x ZeRO-1) splits of `gpus` GPUs that fit in mem_gb, as bench/layouts.py enumerates them, fastest
     first by bench/roofline.py's projection (rank_by_speed; a few seconds each), else smallest tp first."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    from layouts import candidates  # not at the top: bench/ imports train.py, which imports this file
     rows = []
-    for tp, dp, zero1 in candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
+    for tp, dp, zero1 in bench("layouts").candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
         over = {**overrides, "tp": tp, "zero1": zero1, "sequence_parallel": tp > 1}
         cfg = make_config(preset, **over)
         dtype = gpu_dtype(cfg, gpu)
@@ -192,15 +189,16 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak and mfu else None
     # A projection comes with its pessimistic bound: divided by the largest ratio of projection to a published
     # measurement of a comparable code (bench/roofline.py's PESSIMISM, bench/anchors.py, bench/RESULTS.md).
-    low = mfu / pessimism() if mfu and mfu_source.startswith("projected") else None
+    factor = bench("roofline").PESSIMISM if mfu and mfu_source.startswith("projected") else None
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
                   seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
                   sequence_parallel=cfg.sp, **e,
                   gpu_mem_gb=mem_gb, fits=fits,
                   peak_tflops=peak, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tok_s, tokens=tokens,
                   hours=tokens / tok_s / 3600 if tok_s else None, params_total=params_per_rank(cfg, 1)[0],
-                  mfu_pessimistic=low, tokens_per_s_pessimistic=tok_s * low / mfu if low else None,
-                  hours_pessimistic=tokens / (tok_s * low / mfu) / 3600 if low else None)
+                  pessimism=factor, mfu_pessimistic=mfu / factor if factor else None,
+                  tokens_per_s_pessimistic=tok_s / factor if factor and tok_s else None,
+                  hours_pessimistic=tokens / tok_s / 3600 * factor if factor and tok_s else None)
     if result["fits"] is False:  # which splits of these GPUs would fit, instead of a time for one that cannot run
         result["layouts_that_fit"] = layouts_that_fit(preset, {k: v for k, v in overrides.items() if k != "tp"}, gpu,
                                                       gpus, mem_gb, rank_by_speed=not given)
@@ -246,7 +244,7 @@ def report(result, cfg, e, given):
               f"{tok_s:,.0f} tokens/s; {result['tokens']:.3g} tokens in {result['hours']:.1f} h")
         if result["mfu_pessimistic"]:
             print(f"pessimistic: {result['mfu_pessimistic']:.1%} MFU, {result['tokens_per_s_pessimistic']:,.0f} "
-                  f"tokens/s, {result['hours_pessimistic']:.1f} h (the projection / {pessimism():.2f}, its largest excess over a "
-                  f"published measurement: bench/RESULTS.md). Projected, not measured.")
+                  f"tokens/s, {result['hours_pessimistic']:.1f} h (the projection / {result['pessimism']:.2f}, its "
+                  f"largest excess over a published measurement: bench/RESULTS.md). Projected, not measured.")
     else:
         print(f"no peak FLOP/s known for {gpu} in {dtype}: pass --peak_tflops for the time estimate")
