@@ -420,8 +420,9 @@ def price(ops, gpu, tp, dp):
             rate = gpu[key] * T * gpu["mm" if op["cat"] == "matmul" else "attn"]
             if op["cat"] == "matmul" and "sms" in gpu:
                 rate *= gemm_efficiency(*op["mnk"], gpu["sms"])
-            if op["cat"] == "attention" and gpu.get("fa2") and key != "fp32":
-                op["s"] = max(op["s"], attention_seconds(op["flops"], *op["attn"], FA2[gpu["fa2"]]))
+            if op["cat"] == "attention" and gpu.get("fa2") and key != "fp32":  # a FA2 key, or a table of its form
+                table = gpu["fa2"] if isinstance(gpu["fa2"], dict) else FA2[gpu["fa2"]]
+                op["s"] = max(op["s"], attention_seconds(op["flops"], *op["attn"], table))
             else:
                 op["s"] = max(op["s"], op["flops"] / rate)
         op["s"] = max(op["s"], launch)  # no kernel is shorter than the host's time to issue it
