@@ -52,7 +52,7 @@ ANCHORS = [
                 "vocabulary 50,304, bf16 autocast, torch.compile, SDPA flash attention, fused AdamW, one GPU; its "
                 "time from the chapter list of the accompanying video ('Let's reproduce GPT-2 (124M)', "
                 "youtu.be/l8pRSuU81PU): 'batch size schedule, weight decay, FusedAdamW, 90ms'. The GPU is a Lambda "
-                "A100 whose memory size no text we could read states: priced as the 80GB (40GB: 0.088 s)",
+                "A100 whose memory size no text we could read states: priced as the 80GB (40GB: 0.091 s)",
          gpu="A100-80GB", tp=1, dp=1, accum=1, measured_step_s=0.090,
          overrides=dict(GPT2_124M, micro_batch=16, dtype="bf16", compile=True),
          differs="build-nanogpt: nanoGPT's model with biases (as ours), bf16 autocast over fp32 weights, torch of "

@@ -12,8 +12,8 @@ fake process group that lets this one process stand for rank 0 of tp x dp. Each 
 the table GPUS with a roofline: matmul and attention max(FLOPs / (peak x fraction), bytes / (HBM x fraction)),
 every other op bytes / (HBM x fraction), collectives with ring formulas over NVLink (tp, and dp inside a node) or
 InfiniBand (dp across nodes; GPUS_PER_NODE = 8). A matmul's rate also loses what tile and wave quantization waste
-on the GPU's SMs (gemm_efficiency), and no kernel takes less than the host's time to launch it (LAUNCH_S); the
-terms and their sources are beside GPUS. bench/anchors.py holds the projection against published measurements.
+on the GPU's SMs and what a small GEMM pays to start and finish (gemm_efficiency, GEMM_FIXED_S), and no kernel
+takes less than the host's time to launch it (LAUNCH_S); the terms and their sources are beside GPUS. bench/anchors.py holds the projection against published measurements.
 
 Conventions, stated once:
   * eager: no kernel fusion, every aten op is one kernel reading its inputs and writing its outputs from HBM. A view
@@ -108,6 +108,14 @@ GPUS_PER_NODE = 8  # a tp group stays inside a node; dp crosses nodes when tp x 
 #   gemm_efficiency() prices the best of those three tiles, and splits K over idle SMs when the tiles do not fill
 #   one wave (split-K, as cuBLAS and CUTLASS do for small outputs with a long K). The fraction "mm" stays the
 #   large-GEMM figure; this term only takes away what quantization wastes.
+# * GEMM_K0, GEMM_FIXED_S: what a small GEMM loses beyond quantization. Each tile's pass over its share of K pays a
+#   fixed start and finish (filling the pipeline, writing the tile), as if K were GEMM_K0 longer, and each GEMM
+#   kernel a fixed GEMM_FIXED_S (ramp-up, the last tiles' tail). Both are the least-squares fit (bench/gemm_fit.py)
+#   to OpenXLA's measured bf16 matmul throughput on H100 80GB HBM3 (matmul_interpolator_data.h, 375 shapes with b
+#   1-4 and m, n, k 256-4096; tests/data/xla_sm90_matmul.csv), with the rate of a large GEMM held at mm x peak:
+#   K0 = 80, 5.0 us; the table's RMS error falls from a factor of 2.37 to 1.14. Measured on H100 only; applied to
+#   every GPU with SMs (on A100 it brings EleutherAI's measured MLP forward at hidden 768, 154 TFLOP/s, from
+#   195 to 181 priced: bench/RESULTS.md).
 # * LAUNCH_S: the host's time to issue one kernel from eager PyTorch: 280,000 tiny ops per second, i.e. 3.6 us per
 #   op (H. He, "Making Deep Learning Go Brrrr From First Principles", 2022). A kernel shorter than that leaves the
 #   GPU waiting for the next one: every kernel (an aten op in eager mode, a fused run with --compile) takes at
@@ -127,9 +135,10 @@ FA2 = {"A100": {(64, False): (132, 153, 162, 171, 175, 176), (128, False): (151,
 # PESSIMISM: not a term of the model but its stated error bar, set after the comparison: the largest ratio of our
 # projection to a published measurement among bench/anchors.py's anchors (bench/RESULTS.md, issue 20). tools/plan.py
 # and bench/layouts.py print the projection divided by it as the pessimistic end of their range.
-PESSIMISM = 1.72  # nanoGPT 124M on 8 x A100 (issue #110): projected 0.327 s, measured 0.562 s
+PESSIMISM = 1.66  # nanoGPT 124M on 8 x A100 (issue #110): projected 0.339 s, measured 0.562 s
 TILES = ((256, 128), (128, 256), (128, 128))
 SPLIT_K_MIN = 512  # split-K gives each slice at least this much of K (a slice must still stream its operands)
+GEMM_K0, GEMM_FIXED_S = 80, 5e-6
 LAUNCH_S = 1 / 280_000
 
 aten = torch.ops.aten
@@ -379,16 +388,18 @@ def fuse(ops):
     return fused
 
 
-def gemm_efficiency(batch, m, n, k, sms):
+def gemm_efficiency(batch, m, n, k, sms, k0=GEMM_K0):
     """The share of a GEMM's tile work that is useful, for the best of TILES: output tiles of tm x tn (padding
     computed where a tile sticks out), K split over idle SMs when the tiles do not fill one wave, and the tiles
-    run in waves of `sms` (the last wave may leave SMs idle). 1 for a GEMM whose tiles fill every wave exactly."""
+    run in waves of `sms` (the last wave may leave SMs idle); each tile's slice of K pays k0 more (GEMM_K0).
+    With k0 = 0: 1 for a GEMM whose tiles fill every wave exactly."""
     best = 0.0
     for tm, tn in TILES:
         tiles = batch * -(-m // tm) * -(-n // tn)
         split = max(1, min(sms // tiles, k // SPLIT_K_MIN)) if tiles < sms else 1
         waves = -(-tiles * split // sms)
-        best = max(best, batch * m * n / (tiles * tm * tn) * tiles * split / (waves * sms))
+        useful = batch * m * n / (tiles * tm * tn) * tiles * split / (waves * sms)
+        best = max(best, useful * (k / split) / (k / split + k0))
     return best
 
 
@@ -418,13 +429,14 @@ def price(ops, gpu, tp, dp):
         if op["flops"]:
             key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(op["dtype"], "fp32")
             rate = gpu[key] * T * gpu["mm" if op["cat"] == "matmul" else "attn"]
+            fixed = 0.0
             if op["cat"] == "matmul" and "sms" in gpu:
-                rate *= gemm_efficiency(*op["mnk"], gpu["sms"])
+                rate, fixed = rate * gemm_efficiency(*op["mnk"], gpu["sms"]), GEMM_FIXED_S
             if op["cat"] == "attention" and gpu.get("fa2") and key != "fp32":  # a FA2 key, or a table of its form
                 table = gpu["fa2"] if isinstance(gpu["fa2"], dict) else FA2[gpu["fa2"]]
                 op["s"] = max(op["s"], attention_seconds(op["flops"], *op["attn"], table))
             else:
-                op["s"] = max(op["s"], op["flops"] / rate)
+                op["s"] = max(op["s"], op["flops"] / rate) + fixed
         op["s"] = max(op["s"], launch)  # no kernel is shorter than the host's time to issue it
     for i, op in enumerate(ops):
         if op["cat"] != "communication":
@@ -627,8 +639,17 @@ def parse(argv):
     return opts, overrides, as_json
 
 
+# The real step on a CPU allocates its logits and their gradient afresh each micro-batch; glibc hands blocks over 32
+# MB back to the OS when freed, so each allocation page-faults again (on a 2-core Xeon: 3.6 s against 2.6 s per step,
+# bench/RESULTS.md). A GPU's caching allocator keeps freed blocks, and the roofline prices none of this: --measure
+# runs the step with glibc told to keep them too (no mmap, no trimming), set before the process starts.
+KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def main(argv):
     opts, overrides, as_json = parse(argv)
+    if opts["measure"] and sys.platform.startswith("linux") and any(k not in os.environ for k in KEEP_FREED):
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], {**os.environ, **KEEP_FREED})
     gpu = opts["gpu"]
     if gpu == "cpu":
         gpu = measure_cpu()
@@ -651,7 +672,8 @@ def main(argv):
     if as_json != "-":
         print(report(r))
         if opts["measure"]:
-            print(f"real step on this CPU, best of 3 after 1: {r['measured_step_s']:.3f} s wall; projected / measured "
+            print(f"real step on this CPU ({' '.join(f'{k}={os.environ.get(k)}' for k in KEEP_FREED)}), best of 3 "
+                  f"after 1: {r['measured_step_s']:.3f} s wall; projected / measured "
                   f"= {r['projected_over_measured']:.3f}\nin CPU seconds / threads (rates measured the same way): "
                   f"projected {r['projected_cpu_step_s']:.3f} s, measured {r['measured_cpu_step_s']:.3f} s; "
                   f"projected / measured = {r['cpu_projected_over_measured']:.3f}")

@@ -1,5 +1,7 @@
 """bench/roofline.py: the recorded FLOPs and bytes of a tiny step against hand-computed values, the categories
 against the total, the collectives of a tp 2 and a dp 2 fake layout, and the refusals of bad options."""
+import functools
+import math
 import os
 import sys
 
@@ -127,8 +129,9 @@ def test_compile_prices_fused_runs():
 
 
 def test_gemm_efficiency_by_hand():
-    """Tile and wave quantization (bench/roofline.py, TILES and SPLIT_K_MIN), on a GPU of 4 or 8 SMs."""
-    eff = roofline.gemm_efficiency
+    """Tile and wave quantization (bench/roofline.py, TILES and SPLIT_K_MIN), on a GPU of 4 or 8 SMs; then each
+    tile's fixed cost, GEMM_K0 more of K per slice."""
+    eff = functools.partial(roofline.gemm_efficiency, k0=0)
     # 256 x 640 on 4 SMs: 256x128 tiles: 5 tiles, 2 waves of 4 -> 5/8; 128x256: 6 tiles, padding 640/768, 2 waves
     # -> 5/6 x 6/8 = 5/8; 128x128: 10 tiles, no padding, 3 waves -> 10/12, the best
     assert eff(1, 256, 640, 256, 4) == pytest.approx(10 / 12)
@@ -137,6 +140,24 @@ def test_gemm_efficiency_by_hand():
     # K = 1024 only 2 ways: 2 of 8 SMs
     assert eff(1, 128, 128, 4096, 8) == 1.0 and eff(1, 128, 128, 1024, 8) == pytest.approx(2 / 8)
     assert eff(3, 100, 128, 64, 8) == pytest.approx(3 * 100 / (3 * 128) * 3 / 8)  # batched, padded, one part-wave
+    # with K0 = 80: two full waves at K = 4096 pay 4096 / 4176; split 8 ways, each slice of 512 pays 512 / 592
+    assert roofline.GEMM_K0 == 80
+    assert roofline.gemm_efficiency(1, 256, 128 * 8, 4096, 4) == pytest.approx(4096 / 4176)
+    assert roofline.gemm_efficiency(1, 128, 128, 4096, 8) == pytest.approx(512 / 592)
+
+
+def test_gemm_fixed_costs_are_the_fit_to_measured_gemms():
+    """GEMM_K0 and GEMM_FIXED_S are the least-squares pair on bench/gemm_fit.py's grid against OpenXLA's measured
+    H100 bf16 GEMMs (tests/data/xla_sm90_matmul.csv): quantization alone misprices the table by a factor of 2.4,
+    the fitted terms by 1.14."""
+    import gemm_fit
+    shapes = gemm_fit.measured()
+    assert len(shapes) == 375 and {s[:4] for s in shapes} == {(b, m, n, k) for b in (1, 2, 4)
+                                                              for m in gemm_fit.SIZES for n in gemm_fit.SIZES
+                                                              for k in gemm_fit.SIZES}
+    err, k0, t0 = gemm_fit.fit(shapes)
+    assert (k0, t0) == (roofline.GEMM_K0, pytest.approx(roofline.GEMM_FIXED_S))
+    assert math.exp(err) < 1.15 < 2.3 < math.exp(gemm_fit.rms_log_error(shapes, 0, 0))
 
 
 def test_attention_at_flashattention2s_published_speed():
@@ -160,8 +181,8 @@ def test_attention_at_flashattention2s_published_speed():
 
 
 def test_gemm_efficiency_and_launch_in_the_price():
-    """Each matmul's time is its FLOPs at peak x mm x gemm_efficiency (or its bytes, whichever is longer); no
-    kernel is shorter than LAUNCH_S; the CPU (no SMs) is priced without quantization."""
+    """Each matmul's time is its FLOPs at peak x mm x gemm_efficiency (or its bytes, whichever is longer) plus
+    GEMM_FIXED_S; no kernel is shorter than LAUNCH_S; the CPU (no SMs) is priced without either."""
     r, ops = project(accum=2)
     spec = roofline.GPUS["H100"]
     for op in ops:
@@ -170,7 +191,8 @@ def test_gemm_efficiency_and_launch_in_the_price():
         assert op["s"] >= roofline.LAUNCH_S
         if op["cat"] == "matmul":
             compute = op["flops"] / (spec["fp32"] * 1e12 * spec["mm"] * roofline.gemm_efficiency(*op["mnk"], 132))
-            assert op["s"] == pytest.approx(max(compute, op["bytes"] / (spec["hbm"] * 1e9 * 0.85), roofline.LAUNCH_S))
+            want = max(compute, op["bytes"] / (spec["hbm"] * 1e9 * 0.85)) + roofline.GEMM_FIXED_S
+            assert op["s"] == pytest.approx(max(want, roofline.LAUNCH_S))
     tiny_ops = [op for op in ops if op["cat"] == "elementwise" and op["bytes"] < 1000]
     assert tiny_ops and all(op["s"] == roofline.LAUNCH_S for op in tiny_ops)  # launch-bound
     launches = sum(1 for op in ops if op["cat"] != "communication")
@@ -210,3 +232,17 @@ def test_layouts_pick_the_fastest_that_fits():
     assert [(r["tp"], r["zero1"]) for r in squeezed if r["dp"] == 4 and r["fits"]] == [(1, True)]
     with pytest.raises(UserError, match="unknown --gpu"):
         layouts.compare("tiny", over, "H300", 4)
+
+
+def test_anchors_priced_as_there():
+    """bench/anchors.py prices an anchor's own attention kernel from the same figure's other bars (a hand case:
+    FlashAttention version 1, causal, head dimension 64, T 1024: 70 TFLOP/s), and each "then" names what it uses."""
+    import anchors
+    f = 3e12
+    v1 = anchors.ATTENTION_THEN["FlashAttention"]
+    assert roofline.attention_seconds(f, 64, 1024, True, v1) == pytest.approx(f * 3.5 / 3 / 2 / 70e12)
+    assert all(set(t) == set(roofline.FA2["A100"]) and all(len(r) == 6 for r in t.values())
+               for t in anchors.ATTENTION_THEN.values())
+    for a in anchors.ANCHORS:
+        then = a.get("then", {})
+        assert set(then) <= {"attention", "hide", "speedup"} and then.get("attention", "Pytorch") in anchors.ATTENTION_THEN
