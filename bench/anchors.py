@@ -127,9 +127,8 @@ def compare(anchor):
             spec = dict(roofline.GPUS[anchor["gpu"]], fa2=ATTENTION_THEN[then["attention"]])
             t = roofline.project(*args[:2], spec, *args[3:], accum=anchor["accum"])
         step_s = t["step_s"] - (t["seconds_by_category"][then["hide"]] if "hide" in then else 0.0)
-        speedup = then.get("speedup", (1.0, ""))[0]
-        row.update(then_step_s=step_s, then_mfu=t["mfu"] * t["step_s"] / step_s,
-                   then_over_measured=ratio(anchor, step_s, t["mfu"] * t["step_s"] / step_s, speedup))
+        mfu, speedup = t["mfu"] * t["step_s"] / step_s, then.get("speedup", (1.0, ""))[0]
+        row.update(then_step_s=step_s, then_mfu=mfu, then_over_measured=ratio(anchor, step_s, mfu, speedup))
     return row
 
 

@@ -13,7 +13,8 @@ the table GPUS with a roofline: matmul and attention max(FLOPs / (peak x fractio
 every other op bytes / (HBM x fraction), collectives with ring formulas over NVLink (tp, and dp inside a node) or
 InfiniBand (dp across nodes; GPUS_PER_NODE = 8). A matmul's rate also loses what tile and wave quantization waste
 on the GPU's SMs and what a small GEMM pays to start and finish (gemm_efficiency, GEMM_FIXED_S), and no kernel
-takes less than the host's time to launch it (LAUNCH_S); the terms and their sources are beside GPUS. bench/anchors.py holds the projection against published measurements.
+takes less than the host's time to launch it (LAUNCH_S); the terms and their sources are beside GPUS.
+bench/anchors.py holds the projection against published measurements.
 
 Conventions, stated once:
   * eager: no kernel fusion, every aten op is one kernel reading its inputs and writing its outputs from HBM. A view
