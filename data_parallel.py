@@ -47,15 +47,34 @@ def clip_grad_norm(params, max_norm, dist):
 
 
 class Bucket:
-    """Parameters whose gradients travel in one collective. ZeRO-1 also gives each bucket a flat fp32 buffer: flat
-    (the parameters, now views of it, padded to dp equal slices), offsets (where each starts), shard (this rank's
-    slice, the Parameter AdamW updates), sp (a replicated bucket under sequence parallelism), group (its index in
-    the optimizer's groups)."""
+    """Parameters whose gradients travel in one collective. grads: under master weights, the flat fp32 buffer whose
+    views are the parameters' main_grad (home_main_grads), so that the collective runs on it in place. ZeRO-1 also
+    gives each bucket a flat fp32 buffer of the weights: flat (the parameters, now views of it, padded to dp equal
+    slices), offsets (where each starts), shard (this rank's slice, the Parameter AdamW updates), sp (a replicated
+    bucket under sequence parallelism), group (its index in the optimizer's groups)."""
 
     def __init__(self, run):
         self.run, self.params, self.ready, self.launched = run, [], 0, False
-        self.flat = self.offsets = self.shard = None
+        self.flat = self.offsets = self.shard = self.grads = None
         self.sp, self.group = False, 0
+
+
+@torch.no_grad()
+def home_main_grads(b, multiple=1):
+    """Under master weights: one flat fp32 buffer (padded to a multiple of `multiple`) for bucket b's gradients,
+    each parameter's main_grad a view of it, so that the bucket's collective reads and writes the gradients where
+    they are: no copy into a send buffer, no copy back, and no second buffer the size of the gradients alive during
+    the collective (Megatron-LM's contiguous grad buffer, torch DDP's gradient_as_bucket_view). Elsewhere (fp32,
+    no main_grad) b.grads stays None."""
+    if not all(hasattr(p, "main_grad") for p in b.params):
+        return
+    n = sum(p.numel() for p in b.params)
+    b.grads = torch.zeros(-(-n // multiple) * multiple, device=b.params[0].device)
+    o = 0
+    for p in b.params:
+        b.grads[o:o + p.numel()].copy_(p.main_grad.reshape(-1))
+        p.main_grad = b.grads[o:o + p.numel()].view_as(p)
+        o += p.numel()
 
 
 class Buckets:
@@ -113,18 +132,26 @@ class GradReducer:
     bucket (class Buckets) is all-reduced asynchronously as soon as its gradients are final, overlapping
     communication with the rest of the backward; finish() waits for all of them before the optimizer step. Earlier
     micro-batches only accumulate locally: no communication. Under sequence parallelism finish() also sums the
-    replicated parameters' gradients over the tp group."""
+    replicated parameters' gradients over the tp group.
+    Memory: the all-reduce runs in place on one flat buffer per bucket, of which the gradients are views. Under
+    master weights that buffer is the main_grads' home for the whole run (home_main_grads); in fp32 the bucket's
+    .grad tensors are copied into a new buffer when the bucket is launched and become views of it, the originals
+    freed: at no time do two copies of the gradients coexist, beyond one bucket (tools/plan.py counts 4 bytes)."""
 
     def __init__(self, params, dist, bucket_mb=25.0):
         self.dist, self.pending, self.params = dist, [], params
         self.buckets = Buckets([[p for p in params if p.requires_grad]], bucket_mb, self._launch, hooks=dist.dp > 1)
+        if dist.dp > 1:
+            for b in self.buckets:
+                home_main_grads(b)
 
     def _launch(self, b):
-        for p in b.params:  # a parameter unused this step counts as a zero gradient
-            if grad_of(p) is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([grad_of(p).reshape(-1) for p in b.params])
-        self.pending.append((b, flat, tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)))
+        flat = b.grads
+        if flat is None:  # fp32 .grad: gathered into one buffer, each .grad then a view of it
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params])
+            for p, chunk in zip(b.params, flat.split([p.numel() for p in b.params])):
+                p.grad = chunk.view_as(p)  # the old .grad is freed here (a parameter unused this step: zeros)
+        self.pending.append((flat, tdist.all_reduce(flat, group=self.dist.dp_group, async_op=True)))
 
     def start(self):
         """Call before the backward of the last micro-batch."""
@@ -132,14 +159,12 @@ class GradReducer:
             self.buckets.start()
 
     def finish(self):
-        """Wait for every bucket, then write the averaged gradients back into each parameter's gradient."""
+        """Wait for every bucket; the gradients (views of the buckets' buffers) then hold the sums: average them."""
         if self.dist.dp > 1:
             self.buckets.launch_rest()
-            for b, flat, work in self.pending:
+            for flat, work in self.pending:
                 wait(work, self.dist)
                 flat /= self.dist.dp
-                for p, chunk in zip(b.params, flat.split([p.numel() for p in b.params])):
-                    grad_of(p).copy_(chunk.view_as(p))
             self.pending = []
         sync_sequence_parallel_grads(self.params, self.dist)  # mean over dp, then sum over tp: the order is free
 
@@ -168,9 +193,14 @@ class ZeroAdamW:
         self.buckets = Buckets(runs, bucket_mb, self._launch)
         for b in self.buckets:
             self._pack(b, b.run // 2, b.run % 2 == 0)
+            home_main_grads(b, dist.dp)  # under master weights: the reduce-scatter's input, in place
         self.inner = adamw([{"params": [b.shard], "weight_decay": groups[b.group]["weight_decay"]}
                             for b in self.buckets], **hyper)
-        self.param_groups, self.shards = self.inner.param_groups, [b.shard for b in self.buckets]
+        self.shards = [b.shard for b in self.buckets]
+
+    @property
+    def param_groups(self):  # the inner optimizer's, looked up each time: its load_state_dict replaces the list
+        return self.inner.param_groups
 
     def _pack(self, b, group, tp_kind):
         """Bucket b's flat buffer, holding its parameters (which become views of it), and this rank's slice of it,
@@ -197,22 +227,24 @@ class ZeroAdamW:
         b.sp = not tp_kind and getattr(b.params[0], "sequence_parallel", False)
 
     def _launch(self, b):
-        """Start the reduce-scatter of bucket b's flat gradient; the full gradients are then no longer needed."""
-        D = self.dist.dp
-        flat = torch.zeros_like(b.flat)
-        for p, o in zip(b.params, b.offsets):
-            grad = grad_of(p)
-            if grad is not None:
-                flat[o:o + p.numel()].copy_(grad.reshape(-1))
-                if hasattr(p, "main_grad"):
-                    p.main_grad.zero_()  # ready for the next step's accumulation
-                else:
+        """Start the reduce-scatter of bucket b's flat gradient: under master weights b.grads itself, of which the
+        main_grads are views (zeroed by zero_grad once it is done); in fp32 a buffer the .grad tensors are moved
+        into (each freed as it is copied)."""
+        D, flat = self.dist.dp, b.grads
+        if flat is None:
+            flat = torch.zeros_like(b.flat)
+            for p, o in zip(b.params, b.offsets):
+                if p.grad is not None:
+                    flat[o:o + p.numel()].copy_(p.grad.reshape(-1))
                     p.grad = None
-        size = flat.numel() // D
         if D == 1:
-            self.pending[b] = Pending(None, lambda: flat)
+            self.pending[b] = Pending(None, lambda: flat)  # the whole sum is this rank's slice
         else:
-            mine = torch.empty(size, device=flat.device)
+            size, d = flat.numel() // D, self.dist.dp_rank
+            # [n / dp]: this rank's slice of the sum. Under master weights in place, in b.grads' own slice (NCCL
+            # takes an output that is the input's block `rank`, as Megatron-LM's distributed optimizer does; gloo
+            # copies the input first); the main_grads there are then the sum, until zero_grad clears them.
+            mine = flat[d * size:(d + 1) * size] if flat is b.grads else torch.empty(size, device=flat.device)
             work = scatter_sum_into(mine, flat, self.dist.dp_group, async_op=True)
             self.pending[b] = Pending(work, lambda: mine, self.dist)
 
@@ -225,7 +257,8 @@ class ZeroAdamW:
         """Wait for every bucket (launching those whose gradients never all arrived); set the slices' gradients."""
         self.buckets.launch_rest()
         for b in self.buckets:
-            grad = self.pending[b].wait() / self.dist.dp
+            grad = self.pending[b].wait()
+            grad /= self.dist.dp
             b.shard.grad = all_reduce(grad, self.dist) if b.sp and self.dist.tp > 1 else grad
         self.pending = {}
 
@@ -233,8 +266,9 @@ class ZeroAdamW:
         self.inner.step()
         if self.dist.dp > 1:  # every bucket's all-gather in flight at once, then wait for them
             works = []
-            for b in self.buckets:
-                works.append(gather_into(b.flat, b.shard.detach().clone(), self.dist.dp_group, async_op=True))
+            for b in self.buckets:  # in place: the input is this rank's block of the output, as NCCL allows (and
+                # Megatron-LM's distributed optimizer does); gloo copies it first. No second copy of the shard.
+                works.append(gather_into(b.flat, b.shard.detach(), self.dist.dp_group, async_op=True))
             for work in works:
                 wait(work, self.dist)
         masters = [p for b in self.buckets for p in b.params if hasattr(p, "master")]
@@ -245,6 +279,8 @@ class ZeroAdamW:
     def zero_grad(self, set_to_none=True):
         self.inner.zero_grad(set_to_none=set_to_none)
         for b in self.buckets:
+            if b.grads is not None:
+                b.grads.zero_()  # the main_grads, ready for the next step's accumulation
             for p in b.params:
                 p.grad = None
 

@@ -56,6 +56,13 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
     runtime/rendezvous.py (MASTER_ADDR/MASTER_PORT, --iface and GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME override).
     A collective that waits longer than timeout_s for a rank fails (run_or_abort then names the missing ranks and
     ends the job) instead of holding every GPU until the backend's own default (30 minutes for gloo)."""
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism, as Megatron-LM requires, unless the user set it: with
+    # one hardware work queue per GPU, kernels start in launch order, so the input-gradient all-reduce that
+    # the column-parallel matmul's backward launches before the weight-gradient GEMM starts first and runs beside it;
+    # with several queues the GEMM can take every SM first and the communication waits. CUDA reads the variable
+    # once, when the first context is created, so this comes first: before MPI starts (a CUDA-aware MPI may create a
+    # context in MPI_Init) and before any torch.cuda call (check_device, pick_device).
+    queues = os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1") if tp > 1 else "1"
     MPI, comm = mpi_world()
     world = comm.Get_size() if comm is not None else 1
     if world % tp:
@@ -65,25 +72,22 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
     if world == 1:
         return Dist(device=pick_device(device))
     rank = comm.Get_rank()
-    # CUDA_DEVICE_MAX_CONNECTIONS=1 with tensor parallelism, as Megatron-LM requires, unless the user set it: with
-    # one hardware work queue per GPU, kernels start in launch order, so the input-gradient all-reduce that
-    # the column-parallel matmul's backward launches before the weight-gradient GEMM starts first and runs beside it;
-    # with several queues the GEMM can take every SM first and the communication waits. CUDA reads the variable
-    # when it initializes: this is set before the first torch.cuda call below (nothing earlier touches CUDA).
-    queues = os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1") if tp > 1 else "1"
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_world = local.Get_rank(), local.Get_size()
+    dev = pick_device(device, world, local_rank, local_world)  # refuses more ranks on a host than it has GPUs
     # One host or several: every rank learns the first world rank of its host (its host's id).
     hosts = comm.allgather(local.bcast(rank, root=0))
     spans_hosts = len(set(hosts)) > 1
     addr, port, ifname = rendezvous(comm, spans_hosts, iface, min(PROBE_TIMEOUT_S, timeout_s))
-    dev = pick_device(device, world, local_rank, local_world)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kept = bind_interface(ifname, spans_hosts)  # gloo's sockets (NCCL's across hosts) bind ifname, unless user-set
     if backend == "nccl":  # NCCL's watchdog turns a timed-out collective into an error instead of a hang
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(seconds=timeout_s)
-    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world, timeout=timeout)
+    # device_id binds the default group to this rank's GPU: without it a collective on the default group before any
+    # other (a barrier) guesses the GPU from the global rank, a GPU this rank may not own.
+    tdist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world, timeout=timeout,
+                             device_id=dev if backend == "nccl" else None)
     tp_group, dp_group = new_groups(world, tp, rank, timeout)
     dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
                 tp_group=tp_group, dp=world // tp, dp_rank=rank // tp, dp_group=dp_group, device=dev,

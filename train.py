@@ -49,9 +49,13 @@ def lr_at(step, cfg):
 
 
 def resolve_dtype(cfg, device):
+    """--dtype auto: bf16 on a GPU that computes in it natively (compute capability 8.0, Ampere, and later), fp16 on
+    older ones (V100 is 7.0), as tools/plan.py gpu_dtype assumes; fp32 on the CPU. Asked of this rank's own device.
+    Not torch.cuda.is_bf16_supported(): by default it counts emulation, so it says yes on a V100, where bf16 runs
+    without tensor cores; and it asks the current device, whichever that is."""
     if cfg.dtype == "auto":
         if device.type == "cuda":
-            cfg.dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            cfg.dtype = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
         else:
             cfg.dtype = "fp32"  # bf16 matmuls are slower than fp32 on most CPUs
     return DTYPES[cfg.dtype]

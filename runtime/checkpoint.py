@@ -23,8 +23,10 @@ import torch
 import torch.distributed as tdist
 
 from runtime.errors import UserError
+from runtime.mpi import mpi_world, wait_for_every_rank
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
 from model import ModelConfig, Yuan
+from recompute import restore_rng, rng_state
 from dataprep.tokenizer import copy_spec, load_tokenizer
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
@@ -50,17 +52,24 @@ def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect
     skipped steps: train.py keeps it while the trouble lasts). A write that fails (full disk, quota, permission) is
     a UserError naming the path and the size; its .tmp is removed and the older checkpoints stay."""
     opt_state = opt.state_dict()  # with --zero1 a collective (the moments are gathered): every rank calls it
-    if dist.dp_rank != 0:
-        return
+    if dist.dp_rank == 0:
+        _write(out, step, model, opt_state, scaler, cfg, tokenizer, dist, protect)
+    # The ranks that do not write would otherwise wait in the next collective while the others write (12 bytes a
+    # parameter per tp rank: 56 GB for yuan-4.7b at tp 1), and a file system slower than that size over
+    # --collective_timeout_s (gloo's deadline, NCCL's watchdog) would end the job. So every rank waits here, over MPI,
+    # however long the write takes. (A rank whose write fails raises instead, and run_or_abort ends the job.)
+    wait_for_every_rank(note=f"checkpoint of step {step}: waiting for every rank to finish writing")
+
+
+def _write(out, step, model, opt_state, scaler, cfg, tokenizer, dist, protect):
+    """The file of data-parallel rank 0 of each tensor-parallel rank (save_checkpoint)."""
     # The data position is (seed, step): Batches reads step s from the permuted epochs that (seed, s) determine.
     state = {"step": step, "model_config": asdict(cfg.model), "run_config": cfg.run, "tokenizer": tokenizer,
              "model": fp32_state_dict(model),
              "data_position": {"seed": cfg.seed, "next_step": step + 1},
              "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
              "optimizer": opt_state, "scaler": scaler.state_dict(),
-             "rng": {"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                     "tp": dist.rng.state if dist.rng.state is not None else torch.zeros(0, dtype=torch.uint8)}}
+             "rng": rng_state(dist)}  # recompute.py: the CPU's, this rank's GPU's, the tp dropout generator's
     path = os.path.join(out, ckpt_name(step, dist.tp, dist.tp_rank))
     size, free = tensor_bytes(state), shutil.disk_usage(out).free
     if free < size:
@@ -104,12 +113,15 @@ def load_checkpoint(path, mmap=False):
 
 
 def all_ranks(flag, dist):
-    """Whether flag holds on every rank (a collective: every rank calls it)."""
+    """Whether flag holds on every rank (every rank calls it), over MPI: reading a checkpoint may take any time,
+    which a torch collective's deadline must not race (runtime/mpi.wait_for_every_rank)."""
     if dist.world == 1:
         return flag
-    t = torch.tensor([int(flag)], device=dist.device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
-    return bool(t.item())
+    if mpi_world()[1] is None:  # torch.distributed started without MPI (tests): its own collective
+        t = torch.tensor([int(flag)], device=dist.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return bool(t.item())
+    return wait_for_every_rank(flag, note="--resume: waiting for every rank to read its checkpoint")
 
 
 def check_compatible(ckpt, cfg, tokenizer, path):
@@ -281,11 +293,7 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
     load_fp32_state_dict(model, ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and dist.device.type == "cuda":
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    if ckpt["rng"]["tp"].numel():
-        dist.rng.state = ckpt["rng"]["tp"]
+    restore_rng(ckpt["rng"], dist, cfg.seed)  # recompute.py: on this rank's device only
     saved = {**ckpt["model_config"], **ckpt["run_config"]}
     changed = [k for k, v in saved.items() if k not in ("max_steps", "tp") and getattr(cfg, k, v) != v]
     if step != newest:
@@ -302,11 +310,11 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
 
 
 def _gathered(opt, b, key):
-    """A moment of bucket b's flat buffer at full size (a collective: every dp rank must call it)."""
+    """A moment of bucket b's flat buffer at full size, on the device (a collective: every dp rank must call it)."""
     mine = opt.inner.state[b.shard][key] if b.shard in opt.inner.state else torch.zeros_like(b.shard)
     full = torch.empty_like(b.flat)
     if opt.dist.dp > 1:
-        tdist.all_gather(list(full.chunk(opt.dist.dp)), mine.detach().clone(), group=opt.dist.dp_group)
+        tdist.all_gather(list(full.chunk(opt.dist.dp)), mine.detach(), group=opt.dist.dp_group)
     else:
         full.copy_(mine)
     return full
@@ -314,40 +322,53 @@ def _gathered(opt, b, key):
 
 def zero1_state_dict(opt):
     """data_parallel.ZeroAdamW's state in torch.optim.AdamW's format for the original parameters, in the original
-    groups' order: a checkpoint does not depend on --zero1."""
+    groups' order: a checkpoint does not depend on --zero1. A collective: every data-parallel rank calls it; only
+    data-parallel rank 0 (the one that writes the checkpoint) keeps the moments, in host memory. They are gathered
+    one bucket's moment at a time and copied to the host before the next is gathered, so the device holds at most
+    one bucket's moment (--bucket_mb) beyond training's own memory (tools/plan.py), not the whole model's 8 bytes
+    per parameter gathered, plus their copies."""
     index = {id(p): i for i, p in enumerate(p for g in opt.groups for p in g["params"])}
-    state = {}
+    keep, state = opt.dist.dp_rank == 0, {}
     for b in opt.buckets:
         if b.shard not in opt.inner.state:
             continue
-        step = opt.inner.state[b.shard]["step"]
-        moments = {k: _gathered(opt, b, k) for k in ("exp_avg", "exp_avg_sq")}
-        for p, o in zip(b.params, b.offsets):
-            state[index[id(p)]] = {"step": step.clone(), **{k: m[o:o + p.numel()].view_as(p).clone()
-                                                            for k, m in moments.items()}}
+        for p in b.params:
+            state[index[id(p)]] = {"step": opt.inner.state[b.shard]["step"].to("cpu", copy=True)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = _gathered(opt, b, key)  # [n padded]: this bucket's, on the device
+            for p, o in zip(b.params, b.offsets):  # copy=True: a copy even where the device is the host (CPU runs)
+                state[index[id(p)]][key] = moment[o:o + p.numel()].view_as(p).to("cpu", copy=True)
+            del moment  # freed before the next one is gathered
     groups = []
     for g in opt.groups:
         groups.append({**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
                        "weight_decay": g["weight_decay"], "params": [index[id(p)] for p in g["params"]]})
-    return {"state": state, "param_groups": groups}
+    return {"state": state if keep else {}, "param_groups": groups}
 
 
 def load_zero1_state_dict(opt, sd):
-    """ZeroAdamW opt takes this rank's slice of every moment from a plain AdamW state_dict."""
+    """ZeroAdamW opt takes this rank's slice of every moment from a plain AdamW state_dict (on the host, as
+    load_checkpoint maps it). The slices are handed to the inner optimizer's own load_state_dict, which puts each
+    piece of state where that optimizer needs it: the moments on the shard's device and dtype, and `step` on the
+    device too where the optimizer is fused or capturable (torch's rule; CUDA's fused AdamW reads it there). Writing
+    host tensors into opt.inner.state directly would hand CPU tensors to a CUDA kernel."""
     index = {id(p): i for i, p in enumerate(p for g in opt.groups for p in g["params"])}
     D, d = opt.dist.dp, opt.dist.dp_rank
-    for b in opt.buckets:
+    inner = opt.inner.state_dict()  # {"state": {bucket: ...}, "param_groups": [{..., "params": [bucket]}]}
+    state = {}
+    for j, b in enumerate(opt.buckets):
         ids = [index[id(p)] for p in b.params]
         if not all(i in sd["state"] for i in ids):
             continue
-        size = b.flat.numel() // D
-        st = {}
+        size, st = b.flat.numel() // D, {}
         for k in ("exp_avg", "exp_avg_sq"):
-            full = torch.zeros_like(b.flat)
+            full = torch.zeros(b.flat.numel(), dtype=b.flat.dtype)  # [n padded], on the host
             for p, o, i in zip(b.params, b.offsets, ids):
                 full[o:o + p.numel()].copy_(sd["state"][i][k].reshape(-1))
             st[k] = full[d * size:(d + 1) * size].clone()
         st["step"] = sd["state"][ids[0]]["step"].clone()
-        opt.inner.state[b.shard] = st
-    for group, saved in zip(opt.param_groups, [sd["param_groups"][b.group] for b in opt.buckets]):
-        group.update({k: v for k, v in saved.items() if k not in ("params", "weight_decay")})
+        state[j] = st
+    kept = ("params", "weight_decay", "fused", "foreach", "capturable", "differentiable")  # this run's own kernel
+    groups = [{**g, **{k: v for k, v in sd["param_groups"][b.group].items() if k not in kept}}
+              for g, b in zip(inner["param_groups"], opt.buckets)]
+    opt.inner.load_state_dict({"state": state, "param_groups": groups})

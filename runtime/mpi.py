@@ -18,6 +18,28 @@ def mpi_world():
         return None, None
 
 
+def wait_for_every_rank(flag=True, note="", note_every_s=300.0):
+    """Whether flag holds on every rank, waited for over MPI rather than through a torch collective: every rank
+    calls it. For waits of unknown length (a checkpoint written to a slow file system, one read and resharded), which
+    a torch collective would race: gloo's deadline and NCCL's watchdog (--collective_timeout_s) end a collective
+    that waits longer, and the job with it. Polled, so a waiting rank uses no CPU; rank 0 prints `note` with the
+    time waited every note_every_s seconds. A world of one, or no MPI: flag."""
+    MPI, comm = mpi_world()
+    if comm is None or comm.Get_size() == 1:
+        return flag
+    import numpy as np  # here: data.py imports this file without paying for numpy's import
+
+    mine, every = np.array([int(flag)], dtype=np.int32), np.zeros(1, dtype=np.int32)
+    request, start, told = comm.Iallreduce(mine, every, op=MPI.MIN), time.time(), 0
+    while not request.Test():
+        time.sleep(0.01)
+        waited = time.time() - start
+        if note and comm.Get_rank() == 0 and waited > (told + 1) * note_every_s:
+            told += 1
+            print(f"{note}: waited {waited:.0f} s so far", file=sys.stderr, flush=True)
+    return bool(every[0])
+
+
 def report_missing(MPI, comm, wait_s=10.0):
     """After a collective timed out: every rank that can still run tells rank 0 so over MPI (not through the
     collective that is stuck), and rank 0 names the ranks it did not hear from within wait_s: the ones to look at

@@ -19,20 +19,47 @@ def check_device(device):
                         f"cpu, or install the torch build that matches the driver (README, \"Two commands\").")
 
 
+def device_for(device, local_rank, local_world, n_gpus):
+    """The device a rank takes, decided from numbers alone (so it is tested without a GPU): --device (already
+    checked by check_device), this rank's place on its host (local_rank of local_world ranks) and the GPUs torch
+    sees here (n_gpus, 0 for none). A world of one is a host of one rank.
+
+    --device cpu, or '' without a GPU: the CPU. --device cuda, or '' with GPUs: GPU local_rank, one GPU per rank.
+    A host with more ranks than GPUs is refused: two ranks on one GPU share its memory, and NCCL refuses (or hangs
+    on) a communicator that holds a GPU twice. --device cuda:N: GPU N for the one rank of its host (a world of one,
+    or one rank per node); with several ranks on a host one index cannot serve them all, so that is refused too."""
+    asked = torch.device(device) if device else torch.device("cuda" if n_gpus else "cpu")
+    if asked.type != "cuda":
+        return asked
+    if asked.index is not None:  # --device cuda:N
+        if local_world > 1:
+            raise UserError(f"--device {device} names one GPU, but {local_world} ranks share this host and each "
+                            f"needs its own.\nHINT: --device cuda (rank i of a host takes GPU i); to choose which "
+                            f"GPUs, set CUDA_VISIBLE_DEVICES.")
+        if asked.index >= n_gpus:
+            raise UserError(f"--device {device} but torch sees {n_gpus} GPU(s) here.\nHINT: an index below "
+                            f"{n_gpus}, or check CUDA_VISIBLE_DEVICES ({_visible()}).")
+        return asked
+    if local_world > n_gpus:
+        raise UserError(f"{local_world} ranks on this host but torch sees {n_gpus} GPU(s) here: each rank needs a GPU "
+                        f"of its own (NCCL fails or hangs when two ranks share one).\nHINT: launch at most {n_gpus} "
+                        f"rank(s) per node (mpiexec -ppn {n_gpus}, Open MPI --map-by ppr:{n_gpus}:node), or check "
+                        f"CUDA_VISIBLE_DEVICES ({_visible()}).")
+    return torch.device("cuda", local_rank)  # an index: set_device and init_process_group(device_id=) want one
+
+
+def _visible():
+    return "now " + os.environ["CUDA_VISIBLE_DEVICES"] if "CUDA_VISIBLE_DEVICES" in os.environ else "unset"
+
+
 def pick_device(device, world=1, local_rank=0, local_world=1):
-    """This rank's device, made current. A world of one: --device as given, else a GPU if torch sees one. Several
-    ranks: GPU local_rank (round robin over the host's GPUs) unless --device cpu or torch sees none; on the CPU, the
-    host's cores shared by its ranks."""
-    if world == 1:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dev = torch.device("cuda", dev.index or 0) if dev.type == "cuda" else dev  # set_device wants an index
-    elif torch.cuda.is_available() and device != "cpu":
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    else:
-        dev = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    """This rank's device (device_for), made current. Several ranks on the CPU share the host's cores."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev = device_for(device, local_rank, local_world, n_gpus)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    elif world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return dev
 
 

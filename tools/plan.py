@@ -14,6 +14,8 @@ Memory per GPU, as train.py holds it (in bf16/fp16, Megatron-style master weight
                  under gradient accumulation). The bf16 gradients of the parameters whose matmul does not add into
                  main_grad itself (biases, LayerNorms, the tied embedding) live only until a hook adds them, at the
                  end of backward where activations are freed: not counted
+                 The data-parallel reductions run in place on these buffers (no second copy of the gradients);
+                 with --zero1 in fp32, plus 4 / dp: this rank's slice of their sum (data_parallel.ZeroAdamW)
     optimizer    8 bytes x the same for AdamW's two moments, divided by dp with --zero1
     activations  what autograd saves, per layer (below) x layers, plus the final LayerNorm and the loss
 Activations per layer, for n = micro_batch x seq_len tokens, hidden h, FFN f, heads a, s = 2 (bf16/fp16) or 4 (fp32)
@@ -95,7 +97,10 @@ def estimate(cfg, tp=1, dp=1, dtype="bf16"):
     """Bytes per GPU of each part, FLOPs per token, and the parameter count per rank."""
     n_rank, _ = params_per_rank(cfg, tp)
     per_layer, act = activation_bytes(cfg, cfg.micro_batch, tp, dtype, cfg.recompute)
-    parts = dict(weights=4 * n_rank, working=0 if dtype == "fp32" else 2 * n_rank, gradients=4 * n_rank,
+    # ZeRO-1 in fp32: the gradients, plus this rank's 1/dp slice of their sum (the reduce-scatter's output, the
+    # shards' .grad), alive from the last backward through the step; in bf16/fp16 that slice is main_grad's own
+    grads = 4 * n_rank + (4 * n_rank // dp if cfg.zero1 and dp > 1 and dtype == "fp32" else 0)
+    parts = dict(weights=4 * n_rank, working=0 if dtype == "fp32" else 2 * n_rank, gradients=grads,
                  optimizer=8 * n_rank // (dp if cfg.zero1 else 1), activations=act)
     return dict(params_per_rank=n_rank, bytes=parts, total_bytes=sum(parts.values()), layer_bytes=per_layer,
                 flops_per_token=flops_per_token(cfg))
