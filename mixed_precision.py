@@ -34,10 +34,24 @@ logits, and every update happens in fp32. Checkpoints hold the fp32 master weigh
 (fp32_state_dict), so they load into fp32 models (sample.py) and into older code alike.
 """
 import math
+import sys
 
 import torch
 
-_FUSED = {}  # (device type, tensor class) -> whether this torch has addmm with an fp32 out_dtype there
+_FUSED = {}  # (device type, tensor class) -> whether torch.addmm with an fp32 out_dtype ran there (absent: untried)
+# What "this torch has no fused kernel here" looks like, and nothing else: every other error, a CUDA out-of-memory
+# (torch.OutOfMemoryError, a RuntimeError) above all, is raised as it is and the next call tries the kernel again.
+#   NotImplementedError  torch 2.13 on the CPU, for bf16, fp16 and fp32 inputs alike: "Could not run
+#                        'aten::addmm.dtype_out' with arguments from the 'CPU' backend" (the overload has CUDA and
+#                        XPU kernels only)
+#   TypeError            a torch older than out_dtype: "addmm() received an invalid combination of arguments"
+#   RuntimeError         one of these messages, from the dtype checks of the CUDA kernel (aten/src/ATen/native/
+#                        cuda/Blas.cpp, _addmm_dtype_out_cuda): a combination of dtypes this build does not take
+_FUSED_UNSUPPORTED = (
+    "self and mat2 must have the same dtype",  # older builds: main_grad (fp32) must be in the inputs' dtype
+    "out_dtype must be the same as input dtype or fp32",  # inputs other than bf16/fp16 with an fp32 output
+    "self dtype must match either out_dtype or mat1 dtype",
+)
 
 
 def grad_of(p):
@@ -48,16 +62,31 @@ def grad_of(p):
 def accumulate_wgrad(main_grad, grad, x):
     """main_grad [out, in] (fp32) += grad[N, out]^T @ x[N, in] (bf16/fp16), the products summed in fp32. On CUDA
     one GEMM does it (torch.addmm with out_dtype=float32, beta = 1: nothing but main_grad is read or written besides
-    the inputs); where torch has no such kernel (the CPU) the same arithmetic runs unfused."""
+    the inputs). Where torch has no such kernel (the CPU; see _FUSED_UNSUPPORTED) the GEMM runs in the working dtype,
+    summing in fp32 inside but rounding its output to bf16/fp16, which is then added into main_grad: Megatron-LM's
+    arithmetic without gradient accumulation fusion. Said once per device type on stderr."""
     key = (main_grad.device.type, type(main_grad))
     if _FUSED.get(key, True):
         try:
             torch.addmm(main_grad, grad.t(), x, out_dtype=torch.float32, out=main_grad)
             _FUSED[key] = True
             return
-        except (NotImplementedError, RuntimeError, TypeError):
+        except (NotImplementedError, TypeError, RuntimeError) as e:
+            if isinstance(e, torch.OutOfMemoryError) or not (
+                    isinstance(e, (NotImplementedError, TypeError)) or any(m in str(e) for m in _FUSED_UNSUPPORTED)):
+                raise
+            said = any(k[0] == key[0] and not fused for k, fused in _FUSED.items())  # this device type, earlier
             _FUSED[key] = False
-    main_grad.addmm_(grad.t().float(), x.float())
+            if not said:
+                why, dtype = str(e).splitlines()[0].split(". ")[0], str(x.dtype).removeprefix("torch.")
+                print(f"warning: mixed_precision.accumulate_wgrad: torch {torch.__version__} has no fused "
+                      f"weight-gradient GEMM on {key[0]} ({type(e).__name__}: {why}). Each weight gradient is now a "
+                      f"{dtype} GEMM whose {dtype} output is then added into the fp32 main_grad: one more kernel and "
+                      f"a temporary the size of the weight per matmul and micro-batch (12 bytes moved per weight "
+                      f"element instead of 8), and each micro-batch's weight gradient rounded to {dtype} before it "
+                      f"is summed. HINT: on a GPU, tests/test_cuda.py::test_fused_weight_gradient_accumulation "
+                      f"says whether this torch has it.", file=sys.stderr, flush=True)
+    main_grad.add_(grad.t() @ x)  # [out, in]: the GEMM in the working dtype, as autograd's own weight gradient
 
 
 def _into_main_grad(p):
@@ -115,6 +144,17 @@ class MasterAdamW:
     @property
     def param_groups(self):  # the inner optimizer's, looked up each time: its load_state_dict replaces the list
         return self.inner.param_groups
+
+    @property
+    def defaults(self):  # the inner optimizer's hyperparameters (lr, betas, eps, weight_decay, fused, ...), as torch's
+        return self.inner.defaults
+
+    @property
+    def state(self):
+        """What torch's optimizer.state holds (exp_avg, exp_avg_sq, step), keyed by the working parameters a caller
+        holds rather than by their masters. A new dict at each call; the per-parameter dicts in it are the inner
+        optimizer's own, so changes to their tensors are seen by the next step."""
+        return {p: self.inner.state[p.master] for p in self.params if p.master in self.inner.state}
 
     @torch.no_grad()
     def step(self):

@@ -5,7 +5,7 @@ import torch
 
 from conftest import SMALL, read_metrics, run
 from data_parallel import adamw
-from mixed_precision import accumulate_wgrad, fp32_state_dict, load_fp32_state_dict
+from mixed_precision import MasterAdamW, fp32_state_dict, load_fp32_state_dict
 from model import Yuan
 from runtime.config import make_config
 from distributed import Dist
@@ -87,15 +87,25 @@ def test_main_grad_is_the_fp32_gradient():
         assert err < 0.02, f"{name}: relative error {err:.4f}"
 
 
-def test_accumulate_wgrad_adds_in_fp32():
-    """The unfused branch (CPU): main_grad += grad^T x exactly as fp32 arithmetic on the bf16 inputs would give.
-    The fused CUDA branch is compared with this one in tests/test_cuda.py."""
-    gen = torch.Generator().manual_seed(0)
-    grad, x = (torch.randn(13, n, generator=gen).to(torch.bfloat16) for n in (7, 5))
-    main = torch.randn(7, 5, generator=gen)
-    want = main + grad.float().t() @ x.float()
-    accumulate_wgrad(main, grad, x)
-    assert torch.allclose(main, want, rtol=1e-6, atol=1e-6)
+def test_master_adamw_shows_what_a_torch_optimizer_shows():
+    """Callers read a torch optimizer's defaults, param_groups and state (bench/vs_plain.py reads defaults["fused"]);
+    MasterAdamW has them all, its state keyed by the working parameters that callers hold, not by the masters.
+    (The weight-gradient accumulation into main_grad is tested in tests/test_wgrad.py.)"""
+    _, model, opt = train("bf16")
+    assert isinstance(opt, MasterAdamW)
+    assert opt.defaults["lr"] == 3e-3 and opt.defaults["betas"] == (0.9, 0.95) and "fused" in opt.defaults
+    assert opt.param_groups[0]["lr"] == 3e-3
+    p = model.blocks[0].mlp.fc.weight
+    assert len(opt.state) == len(list(model.parameters())) and p in opt.state and p.master not in opt.state
+    assert opt.state[p]["exp_avg"].dtype == torch.float32 and int(opt.state[p]["step"]) == STEPS
+
+
+def test_bench_vs_plain_runs_in_bf16():
+    """bench/vs_plain.py (step 3 of bench/gpu_check.sh, which runs it in bf16 on the GPU) at a tiny size: it builds
+    torch's AdamW for the plain model from nanoyuan's optimizer's defaults, here a MasterAdamW."""
+    proc = run("bench/vs_plain.py", "--preset", "tiny", "--n_layer", 1, "--seq_len", 32, "--micro_batch", 2,
+               "--steps", 1, "--dtype", "bf16")
+    assert ", bf16, " in proc.stdout and "nanoyuan / plain = " in proc.stdout, proc.stdout
 
 
 def test_checkpoints_hold_fp32_masters_and_load_everywhere():
