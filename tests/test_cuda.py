@@ -39,3 +39,52 @@ def test_fused_weight_gradient_accumulation():
     accumulate_wgrad(main, grad, x)
     assert _FUSED[("cuda", torch.Tensor)], "torch.addmm(out_dtype=float32) is missing here: the unfused branch ran"
     assert torch.allclose(main, want, rtol=1e-4, atol=1e-3)
+
+
+def test_cuda_zero1_resume_is_exact(prepared, tmp_path):
+    """Issue 27, finding 2 on the real thing: ZeRO-1 in bf16 (fused CUDA AdamW), stopped at step 3 and resumed, ends
+    where the uninterrupted run ends. Before the fix the resumed run handed CPU tensors to the fused kernel."""
+    common = [*SMALL, "--data", prepared, "--device", "cuda", "--dtype", "bf16", "--zero1", "true",
+              "--lr_decay_steps", 6, "--ckpt_interval", 3]
+    run("train.py", *common, "--out", tmp_path / "a", "--max_steps", 6)
+    run("train.py", *common, "--out", tmp_path / "b", "--max_steps", 3)
+    run("train.py", *common, "--out", tmp_path / "b", "--max_steps", 6, "--resume")
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_cuda_auto_dtype_matches_the_planner():
+    """Issue 27, finding 7: --dtype auto gives bf16 where the GPU has it natively (sm80+), fp16 elsewhere, as
+    tools/plan.py assumes for the card of that name."""
+    from runtime.config import make_config
+    from tools.plan import gpu_dtype
+    from train import resolve_dtype
+    cfg = make_config("tiny", dtype="auto")
+    resolve_dtype(cfg, torch.device("cuda", 0))
+    assert cfg.dtype == ("bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16")
+    assert cfg.dtype == gpu_dtype(make_config("tiny", dtype="auto"), torch.cuda.get_device_name(0))
+
+
+@pytest.mark.parametrize("zero1", [False, True])
+def test_cuda_peak_memory_within_the_plan(zero1):
+    """Issue 27, finding 3 on the real allocator: the peak torch.cuda allocates over two steps of a model whose
+    parameters dominate, in bf16, within 10% of tools/plan.py's estimate (flash attention, as the plan assumes)."""
+    from distributed import Dist
+    from mixed_precision import LossScaler
+    from runtime.config import make_config
+    from tools.plan import estimate
+    from train import build, train_step
+    cfg = make_config("tiny", n_layer=4, n_embd=1024, n_head=8, seq_len=256, vocab_size=8192, micro_batch=2,
+                      dtype="bf16", zero1=zero1)
+    dist = Dist(device=torch.device("cuda", 0))
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model, opt, reducer, clip = build(cfg, dist)
+    scaler = LossScaler(enabled=False)
+    for _ in range(2):
+        batch = lambda micro: (torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len)),) * 2  # noqa: E731
+        train_step(model, opt, reducer, scaler, clip, 2, cfg, dist, batch)
+    got = torch.cuda.max_memory_allocated() - base
+    want = estimate(cfg, tp=1, dp=1, dtype="bf16")["total_bytes"]
+    assert abs(want - got) < 0.10 * got, f"plan {want / 1e6:.1f} MB, measured {got / 1e6:.1f} MB"
