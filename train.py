@@ -24,7 +24,7 @@ from distributed import init_distributed
 from runtime.errors import UserError
 from mixed_precision import LossScaler, MasterAdamW, use_master_weights
 from model import Yuan, flops_per_token, pad_vocab
-from runtime.config import make_config, parse_args, plan_from_args, save_record
+from runtime.config import grad_accum, make_config, parse_args, plan_from_args, save_record
 from runtime.mpi import run_or_abort
 from tools.plan import peak_flops
 from runtime.checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
@@ -133,18 +133,13 @@ class Run:
 
 
 def open_data(cfg, opts, dist):
-    """The batch reader, and the micro-batches per step it needs (batch_tokens over micro_batch x seq_len x dp)."""
-    tokens_per_micro = cfg.micro_batch * cfg.seq_len * dist.dp  # one micro-batch on every data-parallel rank
-    if cfg.batch_tokens % tokens_per_micro:
-        raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len * dp = "
-                        f"{cfg.micro_batch} * {cfg.seq_len} * {dist.dp} = {tokens_per_micro:,}.\nHINT: set "
-                        f"--batch_tokens to a multiple, e.g. "
-                        f"{max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro}.")
-    grad_accum = cfg.batch_tokens // tokens_per_micro
+    """The batch reader, and the micro-batches per step it needs (batch_tokens over micro_batch x seq_len x dp: whole,
+    runtime/config.grad_accum, or a UserError that says which batch_tokens would be)."""
+    accum = grad_accum(cfg, dist.dp)
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
-                   accum=grad_accum, pin_memory=dist.device.type == "cuda",  # pinned: train_step's copies overlap
+                   accum=accum, pin_memory=dist.device.type == "cuda",  # pinned: train_step's copies overlap
                    tokenizer=opts["tokenizer"], val_data=opts["val_data"], val_fraction=opts["val_fraction"])
-    return data, grad_accum
+    return data, accum
 
 
 def size_vocab(cfg, tokenizer, out, resumed, given):

@@ -1,15 +1,18 @@
-"""Which layout for N GPUs? Every tensor-parallel x data-parallel split (with and without ZeRO-1) of a preset,
-checked for memory by tools/plan.py and priced by bench/roofline.py; the fastest that fits is picked, and the output
-says why (the categories of time in which it differs from the runner-up).
+"""Which layout for N GPUs? Every tensor-parallel x data-parallel split (with and without ZeRO-1) of a preset, as
+tools/plan.py's picker (layouts) offers them to `train.py --plan`, checked for memory by tools/plan.py and priced by
+bench/roofline.py; the fastest that fits is picked, and the output says why (the categories of time in which it
+differs from the runner-up).
 
     python bench/layouts.py --preset yuan-4.7b --gpu H100 --gpus 8 [--gpu_mem GB] [--micro_batch 1] [--json FILE]
                             [any other Config field]
 
-Layouts: tp among the divisors of --gpus that are at most GPUS_PER_NODE (a tensor-parallel group stays inside a
-node) and divide the heads and the FFN; sequence parallelism on wherever tp > 1 (it moves the same bytes as plain
-tensor parallelism and stores less); ZeRO-1 off and on wherever dp > 1. The global batch (batch_tokens) and the
-micro-batch stay as given, so the layouts differ only in how the same step is split. Each projection runs the real
-step under fake tensors (a few seconds for yuan-4.7b).
+Layouts (tools/plan.py candidates and layouts): tp among the divisors of --gpus that are at most GPUS_PER_NODE (a
+tensor-parallel group stays inside a node) and divide the heads, the FFN and seq_len; sequence parallelism on wherever
+tp > 1 (it moves the same bytes as plain tensor parallelism and stores less); ZeRO-1 off and on wherever dp > 1. The
+micro-batch stays as given, and so does the global batch (batch_tokens) wherever dp ranks make it of whole
+micro-batches; where they cannot, the layout runs with the nearest batch_tokens they can split, the --batch_tokens
+that `train.py --plan` prints for it (a footnote says so), so those layouts split a slightly different step. Each
+projection runs the real step under fake tensors (a few seconds for yuan-4.7b).
 """
 import json
 import os
@@ -19,37 +22,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runtime.errors import UserError  # noqa: E402
 from runtime.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
-from tools.plan import GPU_MEM_GB, SLACK_GB, estimate, lookup  # noqa: E402
-from roofline import CATEGORIES, GPUS, GPUS_PER_NODE, PESSIMISM, project  # noqa: E402
-
-
-def candidates(cfg, gpus):
-    """[(tp, dp, zero1)] for `gpus` GPUs, largest tp first."""
-    tps = [t for t in range(min(gpus, GPUS_PER_NODE), 0, -1)
-           if gpus % t == 0 and cfg.n_head % t == 0 and cfg.ffn_hidden % t == 0 and cfg.seq_len % t == 0]
-    return [(tp, gpus // tp, z) for tp in tps for z in ((False, True) if gpus // tp > 1 else (False,))]
+from tools.plan import GPU_MEM_GB, SLACK_GB, estimate, layouts, lookup  # noqa: E402
+from roofline import CATEGORIES, GPUS, PESSIMISM, project  # noqa: E402
 
 
 def compare(preset, overrides, gpu, gpus, gpu_mem=None):
-    """A row per layout: the projection, tools/plan.py's memory, whether it fits; sorted fastest first among those
-    that fit (then those that do not)."""
+    """A row per layout of tools/plan.py's picker: the projection, tools/plan.py's memory, whether it fits, the
+    train.py flags (with --batch_tokens where its dp needs another) and the note that says why; sorted fastest first
+    among those that fit (then those that do not)."""
     if gpu not in GPUS:
         raise UserError(f"unknown --gpu {gpu!r}. Known: {', '.join(GPUS)}.")
-    base = make_config(preset, **overrides)
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus} must be at least 1.")
     mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)
     rows = []
-    for tp, dp, zero1 in candidates(base, gpus):
-        over = {**overrides, "zero1": zero1, "sequence_parallel": tp > 1}
-        cfg = make_config(preset, **over, tp=tp)
-        tokens = cfg.micro_batch * cfg.seq_len * dp
-        if cfg.batch_tokens % tokens:
-            continue  # this split cannot make the global batch out of whole micro-batches
+    for lay in layouts(preset, overrides, gpus):
+        tp, dp, over = lay["tp"], lay["dp"], lay["overrides"]
         r = project(preset, over, gpu, tp, dp)
-        need = estimate(cfg, tp, dp, r["dtype"])["total_bytes"] / 1e9
-        rows.append(dict(r, memory_gb=need, gpu_mem_gb=mem_gb, fits=need + SLACK_GB <= mem_gb))
-    if not rows:
-        raise UserError(f"no layout of {gpus} GPUs makes batch_tokens = {base.batch_tokens:,} of whole micro-batches."
-                        f"\nHINT: pass --batch_tokens a multiple of micro_batch x seq_len x {gpus}.")
+        need = estimate(make_config(preset, **over), tp, dp, r["dtype"])["total_bytes"] / 1e9
+        rows.append(dict(r, memory_gb=need, gpu_mem_gb=mem_gb, fits=need + SLACK_GB <= mem_gb, flags=lay["flags"],
+                         note=lay["note"]))
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
 
 
@@ -96,19 +88,22 @@ def main(argv):
           f"{'layout':<28} {'memory GB':>10} {'fits':>5} {'tokens/s (pessimistic)':>23} {'MFU (pessimistic)':>18} "
           f"{'exposed comm s':>15}")
     for r in rows:
-        print(f"{name(r):<28} {r['memory_gb']:>10.1f} {'yes' if r['fits'] else 'no':>5} "
+        mark = " *" if r["note"] else ""  # a footnote below: this layout changes batch_tokens
+        print(f"{name(r) + mark:<28} {r['memory_gb']:>10.1f} {'yes' if r['fits'] else 'no':>5} "
               f"{r['tokens_per_s']:>10,.0f} ({r['tokens_per_s'] / PESSIMISM:>9,.0f}) "
               f"{r['mfu']:>7.1%} ({r['mfu'] / PESSIMISM:>6.1%}) {r['seconds_by_category']['communication']:>15.2f}")
+    for r in rows:
+        if r["note"]:
+            print(f"* {name(r)}: {r['note']}")
     best = rows[0]
     if not best["fits"]:
         print(f"no layout fits {best['gpu_mem_gb']} GB per GPU: try --recompute full or a smaller --micro_batch")
     else:
         others = [r for r in rows[1:] if r["fits"]]
         hours = 1e9 / best["tokens_per_s"] / 3600
-        print(f"pick: {name(best)}, {best['mfu']:.1%} MFU ({best['mfu'] / PESSIMISM:.1%} pessimistic: the projection / "
-              f"{PESSIMISM:.2f}, bench/RESULTS.md), 1B tokens in {hours:.2f} h ({hours * PESSIMISM:.2f} h), "
-              f"{best['memory_gb']:.1f} of "
-              f"{best['gpu_mem_gb']} GB per GPU" +
+        print(f"pick: {name(best)} (train.py {best['flags']}), {best['mfu']:.1%} MFU ({best['mfu'] / PESSIMISM:.1%} "
+              f"pessimistic: the projection / {PESSIMISM:.2f}, bench/RESULTS.md), 1B tokens in {hours:.2f} h "
+              f"({hours * PESSIMISM:.2f} h), {best['memory_gb']:.1f} of {best['gpu_mem_gb']} GB per GPU" +
               (f"; against {name(others[0])}: {why(best, others[0])}" if others else ""))
     if opts["json"]:
         with open(opts["json"], "w") as f:

@@ -64,7 +64,7 @@ from runtime.errors import UserError  # noqa: E402
 from model import flops_per_token  # noqa: E402
 from runtime.config import FIELD_TYPES, make_config, parse_bool, parse_field  # noqa: E402
 from distributed import Dist  # noqa: E402
-from tools.plan import PEAK_TFLOPS, lookup  # noqa: E402
+from tools.plan import GPUS_PER_NODE, PEAK_TFLOPS, lookup  # noqa: E402
 
 T, G = 1e12, 1e9
 # Fixed before any projection was made; not tuned afterwards. Peaks: dense tensor-core TFLOP/s per dtype,
@@ -100,7 +100,6 @@ GPUS = {
 # net: nccl-tests all-reduce bus bandwidth ~360-370 GB/s on H100 NVLink (of 450) and ~230-240 GB/s on A100 (of
 # 300); ~80% of line rate over InfiniBand: 0.80 for both.
 FRACTIONS = dict(mem=0.85, net=0.80)
-GPUS_PER_NODE = 8  # a tp group stays inside a node; dp crosses nodes when tp x dp > 8
 # Terms added for issue 20, each fixed from its source before any anchor was compared again:
 # * sms (above): streaming multiprocessors, from the datasheets (H100/H200 SXM 132, A100 108, V100 80). A GEMM is
 #   cut into output tiles, one per SM at a time; the last wave of tiles can leave SMs idle and a tile that sticks

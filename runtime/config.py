@@ -138,6 +138,25 @@ def make_config(preset, **overrides):
     return Config(**{**PRESETS[preset], **overrides})
 
 
+def whole_batch_tokens(cfg, dp):
+    """The batch_tokens nearest cfg's that dp data-parallel ranks make of whole micro-batches, at least one each:
+    a multiple of micro_batch x seq_len x dp (cfg.batch_tokens itself when it is one)."""
+    tokens_per_micro = cfg.micro_batch * cfg.seq_len * dp  # one micro-batch on every data-parallel rank
+    return max(1, round(cfg.batch_tokens / tokens_per_micro)) * tokens_per_micro
+
+
+def grad_accum(cfg, dp):
+    """Micro-batches per optimizer step on each of dp data-parallel ranks: batch_tokens / (micro_batch x seq_len x
+    dp). Every rank runs the same number of whole micro-batches, so it must divide; train.py stops here otherwise,
+    and the planner (tools/plan.py) asks the same of every layout it offers."""
+    tokens_per_micro = cfg.micro_batch * cfg.seq_len * dp
+    if cfg.batch_tokens % tokens_per_micro:
+        raise UserError(f"batch_tokens = {cfg.batch_tokens:,} is not a multiple of micro_batch * seq_len * dp = "
+                        f"{cfg.micro_batch} * {cfg.seq_len} * {dp} = {tokens_per_micro:,}.\nHINT: set "
+                        f"--batch_tokens to a multiple, e.g. {whole_batch_tokens(cfg, dp)}.")
+    return cfg.batch_tokens // tokens_per_micro
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The command line of train.py
 

@@ -43,7 +43,7 @@ import sys
 
 from runtime.errors import UserError
 from model import flops_per_token
-from runtime.config import make_config
+from runtime.config import grad_accum, make_config, whole_batch_tokens
 
 # Dense peak TFLOP/s by datasheet, per dtype; train.py reads it for MFU. First match of the name wins.
 PEAK_TFLOPS = [
@@ -60,6 +60,7 @@ PEAK_TFLOPS = [
 GPU_MEM_GB = [("H200", 141), ("H100", 80), ("H800", 80), ("A100-40GB", 40), ("A100", 80), ("A800", 80),
               ("L40S", 48), ("V100-32GB", 32), ("V100", 16)]
 SLACK_GB = 2.0  # CUDA context, allocator fragmentation, NCCL buffers: what a plan must leave free
+GPUS_PER_NODE = 8  # the picker keeps a tp group inside a node; bench/roofline.py: dp crosses nodes past it
 
 
 def params_per_rank(cfg, tp):
@@ -149,12 +150,46 @@ def gpu_dtype(cfg, gpu):
     return cfg.dtype if cfg.dtype != "auto" else ("fp16" if "V100" in gpu.upper() else "bf16")
 
 
-def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
-    """The tp x dp (x ZeRO-1) splits of `gpus` GPUs that fit in mem_gb, as bench/layouts.py enumerates them, fastest
-    first by bench/roofline.py's projection (rank_by_speed; a few seconds each), else smallest tp first."""
+def candidates(cfg, gpus):
+    """[(tp, dp, zero1)]: the splits of `gpus` GPUs, largest tp first. tp among the divisors of gpus up to
+    GPUS_PER_NODE (a tensor-parallel group stays inside a node) that divide the heads, the FFN and seq_len (sequence
+    parallelism splits the sequence over tp); ZeRO-1 off and on wherever dp > 1."""
+    tps = [t for t in range(min(gpus, GPUS_PER_NODE), 0, -1)
+           if gpus % t == 0 and cfg.n_head % t == 0 and cfg.ffn_hidden % t == 0 and cfg.seq_len % t == 0]
+    return [(tp, gpus // tp, z) for tp in tps for z in ((False, True) if gpus // tp > 1 else (False,))]
+
+
+def layouts(preset, overrides, gpus):
+    """Every split of `gpus` GPUs that train.py accepts, largest tp first: the picker that `--plan` and
+    bench/layouts.py share. Each row: tp, dp, zero1, the Config overrides of the run, the flags that give that
+    layout on train.py's command line, and a note when it changes batch_tokens. Sequence parallelism is on wherever
+    tp > 1 (it moves the same bytes as plain tensor parallelism and stores less). Where dp ranks cannot make the
+    global batch of whole micro-batches (runtime/config.grad_accum: yuan-4.7b's 512 over dp 6), the layout comes
+    with --batch_tokens, the nearest multiple of micro_batch x seq_len x dp, rather than not at all."""
     rows = []
-    for tp, dp, zero1 in bench("layouts").candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
+    for tp, dp, zero1 in candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
         over = {**overrides, "tp": tp, "zero1": zero1, "sequence_parallel": tp > 1}
+        # a switch the layout turns on, or off where the command line had it on
+        flags = f"--tp {tp}" + "".join(f" --{k} {str(over[k]).lower()}" for k in ("sequence_parallel", "zero1")
+                                       if over[k] or overrides.get(k))
+        cfg = make_config(preset, **over)
+        batch, note = whole_batch_tokens(cfg, dp), ""
+        if batch != cfg.batch_tokens:
+            over["batch_tokens"], flags = batch, flags + f" --batch_tokens {batch}"
+            micro = cfg.batch_tokens / (cfg.micro_batch * cfg.seq_len)
+            note = (f"batch_tokens {cfg.batch_tokens:,} -> {batch:,}: {micro:g} micro-batches of {cfg.micro_batch} x "
+                    f"{cfg.seq_len} do not split over dp {dp}")
+        grad_accum(make_config(preset, **over), dp)  # what train.py checks, so a layout offered here is one it runs
+        rows.append(dict(tp=tp, dp=dp, zero1=zero1, overrides=over, flags=flags, note=note))
+    return rows
+
+
+def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
+    """The layouts of `gpus` GPUs (layouts(), with their flags) that fit in mem_gb, fastest first by
+    bench/roofline.py's projection (rank_by_speed; a few seconds each), else smallest tp first."""
+    rows = []
+    for lay in layouts(preset, overrides, gpus):
+        tp, dp, zero1, over = lay["tp"], lay["dp"], lay["zero1"], lay["overrides"]
         cfg = make_config(preset, **over)
         dtype = gpu_dtype(cfg, gpu)
         need = estimate(cfg, tp, dp, dtype)["total_bytes"] / 1e9
@@ -163,9 +198,8 @@ def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
                 print(f"projecting tp {tp} x dp {dp}{' with ZeRO-1' if zero1 else ''}, which fits ...", file=sys.stderr,
                       flush=True)
             speed = projected_mfu(preset, over, gpu, tp, dp, dtype)[0] if rank_by_speed else None
-            rows.append(dict(tp=tp, dp=dp, zero1=zero1, memory_gb=round(need, 2), mfu=speed,
-                             flags=f"--tp {tp}" + (" --sequence_parallel true" if tp > 1 else "") +
-                                   (" --zero1 true" if zero1 else "")))
+            rows.append(dict(tp=tp, dp=dp, zero1=zero1, memory_gb=round(need, 2), mfu=speed, flags=lay["flags"],
+                             batch_tokens=cfg.batch_tokens, note=lay["note"]))
     return sorted(rows, key=lambda r: -r["mfu"]) if rank_by_speed else sorted(rows, key=lambda r: r["tp"])
 
 
@@ -186,9 +220,14 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     e = estimate(cfg, tp, dp, dtype)
     total_gb = e["total_bytes"] / 1e9
     fits = None if mem_gb is None else total_gb + SLACK_GB <= mem_gb
+    # dp ranks must make batch_tokens of whole micro-batches, or train.py stops (runtime/config.grad_accum)
+    batch_hint = whole_batch_tokens(cfg, dp)
+    whole = batch_hint == cfg.batch_tokens
     given = mfu
     if fits is False:  # no time for a layout that cannot run (and no seconds spent projecting it)
         mfu, mfu_source = None, "does not fit"
+    elif not whole:
+        mfu, mfu_source = None, f"batch_tokens does not split over dp {dp}"  # nor for one train.py refuses
     else:
         mfu, mfu_source = (mfu, "given") if mfu else projected_mfu(preset, overrides, gpu, tp, dp, dtype)
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak and mfu else None
@@ -198,7 +237,8 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
                   seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
                   sequence_parallel=cfg.sp, **e,
-                  gpu_mem_gb=mem_gb, fits=fits,
+                  gpu_mem_gb=mem_gb, fits=fits, batch_tokens=cfg.batch_tokens, whole_micro_batches=whole,
+                  batch_tokens_hint=None if whole else batch_hint,
                   peak_tflops=peak, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tok_s, tokens=tokens,
                   hours=tokens / tok_s / 3600 if tok_s else None, params_total=params_per_rank(cfg, 1)[0],
                   pessimism=factor, mfu_pessimistic=mfu / factor if factor else None,
@@ -215,7 +255,8 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
 
 
 def report(result, cfg, e, given):
-    """plan()'s result for people; a layout that does not fit ends in a UserError naming the ones that do."""
+    """plan()'s result for people; a layout that does not fit ends in a UserError naming the ones that do, and one
+    that fits but whose dp cannot split batch_tokens into whole micro-batches in train.py's own error and HINT."""
     preset, gpus, gpu, tp, dp, dtype = (result[k] for k in ("preset", "gpus", "gpu", "tp", "dp", "dtype"))
     mem_gb, total_gb, tok_s = result["gpu_mem_gb"], e["total_bytes"] / 1e9, result["tokens_per_s"]
     b = e["bytes"]
@@ -233,17 +274,27 @@ def report(result, cfg, e, given):
           f"{cfg.n_layer}, plus LayerNorm, head and loss")
     fit = "" if mem_gb is None else (f" of {mem_gb} GB: fits, {mem_gb - total_gb:.1f} GB free" if result["fits"]
                                      else f" of {mem_gb} GB: DOES NOT FIT (needs {SLACK_GB:.0f} GB of slack)")
+    if result["fits"] is not False and not result["whole_micro_batches"]:
+        fit += f", but train.py refuses batch_tokens {cfg.batch_tokens:,} at dp {dp} (below)"
     print(f"  total          {gb(e['total_bytes'])}{fit}")
     print(f"model FLOPs per token {e['flops_per_token'] / 1e9:.2f} G" + (" (recompute adds ~1/3 more hardware work)"
                                                                         if cfg.recompute == "full" else ""))
     if result["fits"] is False:
         fit = result["layouts_that_fit"]
-        ways = "\n".join(f"  {r['flags']:<45} {r['memory_gb']:6.1f} GB" + (f", {r['mfu']:.1%} MFU projected"
-                                                                          if r["mfu"] else "") for r in fit)
+        width = max((len(r["flags"]) for r in fit), default=0)
+        ways = "\n".join(f"  {r['flags']:<{width}}  {r['memory_gb']:6.1f} GB" +
+                         (f", {r['mfu']:.1%} MFU projected" if r["mfu"] else "") +
+                         (f"; {r['note']}" if r["note"] else "") for r in fit)
         raise UserError(f"{preset} at tp {tp} x dp {dp} does not fit in {mem_gb} GB per {gpu}." +
                         (f" Layouts of {gpus} GPUs that fit, {'fastest' if not given else 'smallest tp'} first:\n{ways}"
                          if fit else f" No split of {gpus} GPUs fits.\nHINT: more GPUs, --recompute full, or a "
                          f"smaller --micro_batch."))
+    if not result["whole_micro_batches"]:
+        try:
+            grad_accum(cfg, dp)  # raises train.py's own error, with the batch_tokens to use in its HINT
+        except UserError as err:
+            raise UserError(f"{preset} at tp {tp} x dp {dp}{' fits, but' if result['fits'] else ':'} train.py would "
+                            f"stop: {err}") from None
     if tok_s:
         print(f"at {result['mfu']:.1%} MFU ({result['mfu_source']}) of {result['peak_tflops']:g} TFLOP/s per GPU: "
               f"{tok_s:,.0f} tokens/s; {result['tokens']:.3g} tokens in {result['hours']:.1f} h")
