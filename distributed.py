@@ -74,7 +74,7 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
     rank = comm.Get_rank()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_world = local.Get_rank(), local.Get_size()
-    dev = pick_device(device, world, local_rank, local_world)  # refuses more ranks on a host than it has GPUs
+    dev = pick_device(device, world, local_rank, local_world, local)  # refuses ranks that would share a GPU
     # One host or several: every rank learns the first world rank of its host (its host's id).
     hosts = comm.allgather(local.bcast(rank, root=0))
     spans_hosts = len(set(hosts)) > 1
@@ -99,14 +99,16 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
 def new_groups(world, tp, rank, timeout):
     """This rank's tensor-parallel group (a block of tp consecutive ranks) and data-parallel group (ranks tp apart),
     None for a group of one. Every rank must create every group, in the same order, even the groups it is not in.
-    Each gets the timeout too: new_group does not inherit it (its default is the backend's 30 minutes)."""
-    tp_group = dp_group = None
-    for start in range(0, world, tp):
-        group = tdist.new_group(list(range(start, start + tp)), timeout=timeout)
+    Each gets the timeout too: new_group does not inherit it (its default is the backend's 30 minutes).
+    No group of one is made (with NCCL bound to a device, each new_group splits the whole world's communicator),
+    and a group of every rank is the default group itself, not a second communicator of the same ranks."""
+    dp, tp_group, dp_group = world // tp, None, None
+    for start in range(0, world, tp) if tp > 1 else ():
+        group = tdist.group.WORLD if tp == world else tdist.new_group(list(range(start, start + tp)), timeout=timeout)
         if start <= rank < start + tp:
             tp_group = group
-    for offset in range(tp):
-        group = tdist.new_group(list(range(offset, world, tp)), timeout=timeout)
+    for offset in range(tp) if dp > 1 else ():
+        group = tdist.group.WORLD if dp == world else tdist.new_group(list(range(offset, world, tp)), timeout=timeout)
         if rank % tp == offset:
             dp_group = group
-    return tp_group if tp > 1 else None, dp_group if world // tp > 1 else None
+    return tp_group, dp_group

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 
 from runtime.errors import UserError
+from runtime.collectives import gather_into
 from runtime.mpi import mpi_world, wait_for_every_rank
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
 from model import ModelConfig, Yuan
@@ -195,7 +196,7 @@ def load_step(out, step, written_tp, tp, tp_rank):
         paths = [os.path.join(out, ckpt_name(step, tp, tp_rank))]
     else:
         paths = [os.path.join(out, ckpt_name(step, written_tp, r)) for r in range(written_tp)]
-    shards = [load_checkpoint(p, mmap=written_tp != tp) for p in paths]
+    shards = [load_checkpoint(p, mmap=True) for p in paths]  # read as used; the ranks of a node share the pages
     for path, shard in zip(paths, shards):
         if shard["step"] != step:
             raise UserError(f"checkpoint {path} says it is step {shard['step']}")
@@ -313,8 +314,8 @@ def _gathered(opt, b, key):
     """A moment of bucket b's flat buffer at full size, on the device (a collective: every dp rank must call it)."""
     mine = opt.inner.state[b.shard][key] if b.shard in opt.inner.state else torch.zeros_like(b.shard)
     full = torch.empty_like(b.flat)
-    if opt.dist.dp > 1:
-        tdist.all_gather(list(full.chunk(opt.dist.dp)), mine.detach(), group=opt.dist.dp_group)
+    if opt.dist.dp > 1:  # into the one buffer: a list of outputs would make NCCL allocate a flat copy of its own
+        gather_into(full, mine.detach(), opt.dist.dp_group)
     else:
         full.copy_(mine)
     return full
@@ -332,18 +333,18 @@ def zero1_state_dict(opt):
     for b in opt.buckets:
         if b.shard not in opt.inner.state:
             continue
-        for p in b.params:
+        for p in b.params if keep else ():
             state[index[id(p)]] = {"step": opt.inner.state[b.shard]["step"].to("cpu", copy=True)}
         for key in ("exp_avg", "exp_avg_sq"):
-            moment = _gathered(opt, b, key)  # [n padded]: this bucket's, on the device
-            for p, o in zip(b.params, b.offsets):  # copy=True: a copy even where the device is the host (CPU runs)
+            moment = _gathered(opt, b, key)  # [n padded]: this bucket's, on the device; every rank takes part
+            for p, o in zip(b.params, b.offsets) if keep else ():  # copy=True: a copy even on the CPU device
                 state[index[id(p)]][key] = moment[o:o + p.numel()].view_as(p).to("cpu", copy=True)
             del moment  # freed before the next one is gathered
     groups = []
     for g in opt.groups:
         groups.append({**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
                        "weight_decay": g["weight_decay"], "params": [index[id(p)] for p in g["params"]]})
-    return {"state": state if keep else {}, "param_groups": groups}
+    return {"state": state, "param_groups": groups}
 
 
 def load_zero1_state_dict(opt, sd):

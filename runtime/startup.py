@@ -19,7 +19,7 @@ def check_device(device):
                         f"cpu, or install the torch build that matches the driver (README, \"Two commands\").")
 
 
-def device_for(device, local_rank, local_world, n_gpus):
+def device_for(device, local_rank, local_world, n_gpus, own_gpus=False):
     """The device a rank takes, decided from numbers alone (so it is tested without a GPU): --device (already
     checked by check_device), this rank's place on its host (local_rank of local_world ranks) and the GPUs torch
     sees here (n_gpus, 0 for none). A world of one is a host of one rank.
@@ -27,10 +27,14 @@ def device_for(device, local_rank, local_world, n_gpus):
     --device cpu, or '' without a GPU: the CPU. --device cuda, or '' with GPUs: GPU local_rank, one GPU per rank.
     A host with more ranks than GPUs is refused: two ranks on one GPU share its memory, and NCCL refuses (or hangs
     on) a communicator that holds a GPU twice. --device cuda:N: GPU N for the one rank of its host (a world of one,
-    or one rank per node); with several ranks on a host one index cannot serve them all, so that is refused too."""
+    or one rank per node); with several ranks on a host one index cannot serve them all, so that is refused too.
+    own_gpus: every rank of the host sees GPUs that no other rank of it sees (a launcher that binds GPUs per task:
+    Slurm's --gpus-per-task or --gpu-bind, a wrapper setting CUDA_VISIBLE_DEVICES per rank): the first of its own."""
     asked = torch.device(device) if device else torch.device("cuda" if n_gpus else "cpu")
     if asked.type != "cuda":
         return asked
+    if asked.index is None and own_gpus and n_gpus:
+        return torch.device("cuda", 0)
     if asked.index is not None:  # --device cuda:N
         if local_world > 1:
             raise UserError(f"--device {device} names one GPU, but {local_world} ranks share this host and each "
@@ -52,10 +56,17 @@ def _visible():
     return "now " + os.environ["CUDA_VISIBLE_DEVICES"] if "CUDA_VISIBLE_DEVICES" in os.environ else "unset"
 
 
-def pick_device(device, world=1, local_rank=0, local_world=1):
-    """This rank's device (device_for), made current. Several ranks on the CPU share the host's cores."""
+def pick_device(device, world=1, local_rank=0, local_world=1, local_comm=None):
+    """This rank's device (device_for), made current. Several ranks on the CPU share the host's cores. With several
+    ranks on a host (local_comm, MPI's communicator of the host's ranks; every rank of it calls this) the ranks
+    compare the GPUs they see, by UUID, to tell a launcher that gives each rank GPUs of its own from ranks sharing."""
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    dev = device_for(device, local_rank, local_world, n_gpus)
+    own = False
+    if local_comm is not None and local_world > 1 and device != "cpu":
+        seen = local_comm.allgather([str(torch.cuda.get_device_properties(i).uuid) for i in range(n_gpus)])
+        everyone = [u for gpus in seen for u in gpus]
+        own = all(seen) and len(set(everyone)) == len(everyone)  # each rank sees GPUs, none seen by two
+    dev = device_for(device, local_rank, local_world, n_gpus, own_gpus=own and n_gpus < local_world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     elif world > 1:

@@ -57,6 +57,8 @@ def fake_gpus(monkeypatch, capabilities, calls=None):
     record("set_rng_state", set_rng_state)
     record("get_rng_state_all", everything)
     record("set_rng_state_all", everything)
+    uuid = getattr(monkeypatch, "gpu_uuid", "GPU")  # what this rank's GPUs call themselves (own_gpus_test sets it)
+    record("get_device_properties", lambda i: SimpleNamespace(uuid=f"{uuid}-{i}"))
     return states
 
 
@@ -266,3 +268,23 @@ def test_init_distributed_refuses_more_ranks_than_gpus(monkeypatch):
     with pytest.raises(UserError, match="3 ranks on this host but torch sees 2 GPU"):
         distributed.init_distributed(tp=1, device="")
     assert "init_process_group" not in [c[0] for c in calls]
+
+
+def test_a_launcher_that_gives_each_rank_its_own_gpu_is_accepted(monkeypatch):
+    """Slurm's --gpus-per-task=1 (or a wrapper setting CUDA_VISIBLE_DEVICES per rank): two ranks on a host, each
+    seeing one GPU, not the same one (by UUID, over the host's MPI communicator): each takes its own cuda:0. Two
+    ranks seeing the same single GPU are still refused."""
+    from runtime.startup import pick_device
+
+    class Local:  # the host's communicator of two ranks: what each rank's GPUs call themselves
+        def __init__(self, seen):
+            self.seen = seen
+
+        def allgather(self, mine):
+            return self.seen
+    unset_env(monkeypatch, "CUDA_DEVICE_MAX_CONNECTIONS")
+    fake_gpus(monkeypatch, [(9, 0)])
+    assert pick_device("", 2, 1, 2, Local([["GPU-0"], ["GPU-1"]])) == torch.device("cuda", 0)
+    assert device_for("cuda", 1, 2, 1, own_gpus=True) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="2 ranks on this host but torch sees 1 GPU"):
+        pick_device("", 2, 1, 2, Local([["GPU-0"], ["GPU-0"]]))
