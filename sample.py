@@ -49,10 +49,18 @@ def sample(args):
         row = row[:row.index(tok["eot"])] if tok["eot"] in row else row
         new += len(row)
         print("---\n" + enc.decode(prompt + row if args.prompt_file is None else row, errors="replace"))
-    steps = out.size(1) - len(prompt)
-    print(f"# {steps} steps x {args.num_samples} samples in {seconds:.2f} s: {steps * args.num_samples / seconds:,.1f} "
-          f"tokens/s ({new} before the end-of-document token), {'no cache' if args.no_cache else 'KV cache'}",
-          file=sys.stderr, flush=True)
+    print(speed_line(args.num_samples, out.size(1) - len(prompt), new, seconds, args.no_cache), file=sys.stderr,
+          flush=True)
+
+
+def speed_line(samples, steps, printed, seconds, no_cache):
+    """stderr's last line: the tokens generated (every sample runs the same number of steps, stopping together) and
+    how fast, then how many of them were printed (each sample ends at its first end-of-document token)."""
+    total = samples * steps
+    kept = (f"all {total:,} printed" if printed == total else
+            f"{printed:,} printed: each sample is cut at its first end-of-document token")
+    return (f"# {samples} {'samples' if samples > 1 else 'sample'} x {steps} new tokens = {total:,} tokens in {seconds:.2f} s, "
+            f"{total / seconds:,.1f} tokens/s ({'no cache' if no_cache else 'with the KV cache'}); {kept}")
 
 
 def main(argv=None):

@@ -56,10 +56,20 @@ def list_inputs(paths):
         if os.path.isdir(p):
             found = sorted(os.path.join(p, n) for n in os.listdir(p) if n.endswith(SUFFIXES))
             if not found:
-                raise UserError(f"{p} is a directory without {' / '.join(SUFFIXES)} files.")
+                idx = sorted(n[:-4] for n in os.listdir(p) if n.endswith(".idx"))
+                raise UserError(f"{p} is a directory without {' / '.join(SUFFIXES)} files." + (
+                    f" It holds {len(idx)} Megatron indexed dataset(s) ({idx[0]}.bin/.idx ...): tokens already, not "
+                    f"text to tokenize.\nHINT: train on them as they are: train.py --data {os.path.join(p, idx[0])} "
+                    f"--tokenizer yuan:PATH/vocab.txt (the vocab.txt that made them)." if idx else ""))
             files += found
         elif not os.path.isfile(p):
             raise UserError(f"input not found: {p}")
+        elif p.endswith((".bin", ".idx")):
+            prefix = p[:-4]
+            raise UserError(f"{p} looks like one file of a Megatron indexed dataset (a .bin/.idx pair): it holds "
+                            f"tokens already, not text to tokenize.\nHINT: train on it as it is: train.py --data "
+                            f"{prefix} --tokenizer yuan:PATH/vocab.txt (the vocab.txt that made it); prepare reads "
+                            f"text ({' / '.join(SUFFIXES)}).")
         elif not p.endswith(SUFFIXES):
             raise UserError(f"{p}: unknown kind of input; expected {' / '.join(SUFFIXES)}.\nHINT: a file with one "
                             f"document per line is read as .txt: rename it (or link it) with that suffix.")

@@ -126,6 +126,7 @@ def _load_tiktoken(spec):
     if os.path.isfile(spec):
         side = os.path.splitext(spec)[0] + ".json"
         if not os.path.isfile(side):
+            wordpiece_without_kind(spec)
             raise UserError(f"{side} (split pattern and special tokens of {spec}) is missing.\n"
                             f"HINT: keep the .json that `data.py train-tokenizer` wrote beside the .tiktoken file.")
         raw, side_raw = open(spec, "rb").read(), open(side, "rb").read()
@@ -135,6 +136,7 @@ def _load_tiktoken(spec):
             enc = tiktoken.Encoding(os.path.basename(spec), pat_str=extra["pattern"], mergeable_ranks=ranks,
                                     special_tokens=extra["special_tokens"])
         except Exception as e:
+            wordpiece_without_kind(spec)  # a vocab.txt beside some other vocab.json
             raise UserError(f"{spec} is not a tiktoken rank file with its .json ({e}).") from None
         digest = hashlib.sha256(raw + side_raw).hexdigest()
     elif spec in BUILTIN_TOO_BIG:
@@ -155,10 +157,55 @@ def _load_tiktoken(spec):
         digest = hashlib.sha256(f"tiktoken:{spec}".encode()).hexdigest()
     else:
         raise UserError(f"tokenizer {spec!r} is neither a file, nor yuan:PATH/vocab.txt or bert:PATH/vocab.txt, nor a "
-                        f"usable tiktoken built-in ({', '.join(BUILTIN_OK)}).")
+                        f"usable tiktoken built-in ({', '.join(BUILTIN_OK)}){looked_for(spec)}.\nHINT: pass the "
+                        f".tiktoken file that `data.py train-tokenizer` wrote, yuan:PATH/vocab.txt or "
+                        f"bert:PATH/vocab.txt (a path that exists: absolute, or relative to the current directory), or "
+                        f"a built-in name.")
     if enc.n_vocab > UINT16_IDS:
         raise UserError(f"tokenizer {spec} has {enc.n_vocab:,} tokens; ids must fit uint16 (at most {UINT16_IDS:,}).")
     return enc, dict(name=os.path.basename(spec), hash=digest, n_vocab=enc.n_vocab, eot=enc.eot_token)
+
+
+def looked_for(path):
+    """Where a relative path that is not there was looked for: the current directory is easily not the one meant
+    (a vocab path typed relative to the docs, or a job script that starts elsewhere)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return ""
+    return f" (looked for {os.path.abspath(path)}: a relative path is taken from the current directory {os.getcwd()})"
+
+
+def wordpiece_without_kind(path):
+    """The error for a vocab.txt of WordPiece pieces (Yuan's, Inspur's, a BERT one) given without yuan: or bert:,
+    which would otherwise be read as a .tiktoken file and be told its .json is missing. A WordPiece vocabulary is
+    one piece per line with no space inside a line (a rank file's lines are "BASE64 RANK"), among them an unknown
+    token ([UNK] or <unk>), "##" continuation pieces or single CJK characters. Returns when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f.read(1 << 24).splitlines()]
+    except (OSError, UnicodeDecodeError):
+        return
+    pieces = [line for line in lines if line]
+    if not pieces or sum(" " in line for line in pieces) > len(pieces) // 100:
+        return
+    signs = [f"an unknown token {unk}" for unk in ("<unk>", "[UNK]") if unk in pieces]
+    cont = sum(line.startswith("##") for line in pieces)
+    cjk = sum(len(line) == 1 and CHINESE.match(line) is not None for line in pieces)
+    if cont:
+        signs.append(f"{cont:,} ## continuation pieces")
+    if cjk:
+        signs.append(f"{cjk:,} single Chinese characters")
+    if not signs:
+        return
+    if "<unk>" in pieces and "<eod>" in pieces and len(lines) > 10 and lines[10] == "\u2582":
+        fits = " (this one has Yuan's <unk>, <eod> and \u2582 at line 11: yuan: fits it)"
+    else:
+        fits = " (this one has BERT's [UNK]: bert: fits it)" if "[UNK]" in pieces else ""
+    raise UserError(
+        f"--tokenizer {path} is a WordPiece vocab.txt ({len(lines):,} lines, one piece per line: "
+        f"{', '.join(signs)}), not a .tiktoken file; a vocab.txt is run by one of two tokenizers, and the prefix says "
+        f"which{fits}.\nHINT: --tokenizer yuan:{path} for Yuan 1.0's tokenizer as Inspur runs it (jieba words, then "
+        f"WordPiece; ids identical to Inspur's), or --tokenizer bert:{path} for Megatron's BertWordPieceTokenizer, as "
+        f"some ASC22 teams ran it (needs a [UNK] line).")
 
 
 def encode_lines(enc, lines):
@@ -224,9 +271,14 @@ def copy_spec(directory, tok):
 def read_vocab(path, kind, required):
     """{piece: id} and the number of ids: line i (from 0) is id i, stripped of surrounding whitespace. A blank line
     takes an id (the piece ""), and a repeated piece keeps its last id; the earlier one is never produced."""
+    if os.path.isdir(path):
+        raise UserError(f"{kind}:{path} is a directory.\nHINT: {kind}: takes the path of the vocab.txt itself: "
+                        f"--tokenizer {kind}:{os.path.join(path, 'vocab.txt')}")
     if not os.path.isfile(path):
-        raise UserError(f"{kind}:{path}: no such file.\nHINT: {kind}: takes the path of a vocab.txt, one piece per "
-                        f"line (Yuan's is src/vocab.txt in github.com/Shawn-IEITSystems/Yuan-1.0).")
+        where = looked_for(path)
+        raise UserError(f"{kind}:{path}: no such file{where}.\nHINT: {kind}: takes the path of a vocab.txt, one "
+                        f"piece per line (Yuan's is src/vocab.txt in github.com/Shawn-IEITSystems/Yuan-1.0)"
+                        + (f"; give it as an absolute path, or relative to {os.getcwd()}." if where else "."))
     vocab, n = {}, 0
     try:
         with open(path, encoding="utf-8") as f:  # text mode: a line ends at \n, \r\n or \r, as in the references

@@ -182,12 +182,14 @@ def open_megatron_data(data, seq_len, spec, val_data, val_fraction):
     validation data is val_data, else the last val_fraction of each prefix's sequences."""
     from dataprep.indexed import parse_blend
     if os.path.isfile(data):
+        megatron_half(data, data)
         stem = os.path.splitext(os.path.basename(data))[0]
         raise UserError(f"--data {data} is a text file, not prepared data: train.py reads the tokens data.py "
                         f"prepare makes from it.\nHINT: python data.py prepare --input {data} --tokenizer TOK "
                         f"--out data/{stem}, then --data data/{stem}.")
     for _, prefix in parse_blend(data):
         if not os.path.isfile(prefix + ".idx"):
+            megatron_half(data, prefix)
             raise UserError(f"--data {data}: {prefix} is neither a prepared data directory (data.py prepare's "
                             f"--out) nor a Megatron dataset ({prefix}.idx not found).\nHINT: python data.py "
                             f"prepare --input FILES --tokenizer TOK --out DIR, then --data DIR; or give a "
@@ -207,6 +209,24 @@ def open_megatron_data(data, seq_len, spec, val_data, val_fraction):
         train = open_megatron(data, seq_len, tok["n_vocab"])[0]
         val = open_megatron(val_data, seq_len, tok["n_vocab"])[0]
     return train, val, tok, spec, None
+
+
+def megatron_half(data, path):
+    """The error for a --data (or one prefix of a blend) that names PREFIX.bin or PREFIX.idx, one file of a Megatron
+    dataset, where Megatron's --data-path (and ours) takes the PREFIX; it says which of the pair is missing."""
+    prefix, ext = os.path.splitext(path)
+    if ext not in (".bin", ".idx") or not os.path.isfile(path):
+        return
+    partner = prefix + (".idx" if ext == ".bin" else ".bin")
+    fix = f"--data {prefix}" if data == path else f"write {prefix} for {path} in --data"
+    if not os.path.isfile(partner):
+        fix = f"copy {os.path.basename(partner)} from where the data was made to {os.path.dirname(partner) or '.'}" \
+              f", then {fix}"
+    raise UserError(f"--data {data}: {path} is one file of a Megatron indexed dataset (a .bin/.idx pair of tokens); "
+                    f"--data takes the dataset's prefix, the path without .bin / .idx, as Megatron's --data-path does."
+                    + ("" if os.path.isfile(partner) else f" Its partner {partner} is missing: both files must sit "
+                       f"side by side.") + f"\nHINT: {fix}; with it --tokenizer the vocab.txt that made the data "
+                    f"(e.g. yuan:PATH/vocab.txt).")
 
 
 def open_megatron(spec, seq_len, n_vocab, val_fraction=None):

@@ -122,11 +122,14 @@ class Console:
     """What rank 0 prints while training. On a terminal, tqdm's bar. Otherwise (a Slurm or PBS log, a pipe) plain
     lines, no carriage returns: the first step, then one at the next multiple of log_interval once 30 s have passed
     since the last line, and the last step, each with step, loss, lr, grad norm, tokens/s, MFU, elapsed time and ETA.
-    Evaluations and notes are lines in both cases."""
+    Evaluations and notes are lines in both cases. elapsed: the run's wall time in seconds (Score.elapsed, which
+    continues across a resume as the score line does); by default this process's. The ETA is from this process's
+    pace alone (a resume's first steps are not slowed by the time before it)."""
 
-    def __init__(self, cfg, start_step, enabled, every_s=30.0):
+    def __init__(self, cfg, start_step, enabled, every_s=30.0, elapsed=None):
         self.cfg, self.enabled, self.every_s = cfg, enabled, every_s
         self.t0 = self.last = time.time()
+        self.elapsed = elapsed or (lambda: time.time() - self.t0)
         self.start, self.bar = start_step, None
         if enabled and sys.stdout.isatty() and sys.stderr.isatty():
             from tqdm import tqdm
@@ -146,7 +149,7 @@ class Console:
             self.last = now
             eta = (now - self.t0) / (step - self.start) * (self.cfg.max_steps - step)
             print(f"step {step}/{self.cfg.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-                  f"{tok_s:,.0f} tok/s | MFU {mfu_text} | elapsed {clock(now - self.t0)} | ETA {clock(eta)}",
+                  f"{tok_s:,.0f} tok/s | MFU {mfu_text} | elapsed {clock(self.elapsed())} | ETA {clock(eta)}",
                   flush=True)
 
     def write(self, text):

@@ -1,11 +1,13 @@
 """What people look at during and after a run (runtime/run_dir.py, tools/plot.py): plain log lines when stdout is not a
 terminal, TensorBoard events equal to metrics.jsonl, the loss plot, the score line (--target_loss)."""
+import json
 import os
+import types
 
 import pytest
 
 from conftest import SMALL, read_metrics, run
-from runtime.run_dir import Score
+from runtime.run_dir import Console, Score
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,26 @@ def test_score_not_met(tmp_path):
     score.evaluated(20, 2000, 2.5, metrics, Quiet())  # at the target counts
     assert metrics.row["step"] == 20 and "target 2.5 met at step 20 (2,000 tokens, " in score.summary(3000, 2.4)
     assert "target" not in Score(0.0, tmp_path, enabled=True).summary(1000, 2.6)
+
+
+def test_console_clock_runs_on_across_a_resume(tmp_path, capsys):
+    """A resumed run's log lines show the run's wall time, as the score line and elapsed_s count it (issue 28): the
+    checkpointed run's 1:02:05 plus this process's seconds, not a clock restarted at 0:00:00."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=8, loss=3.0, elapsed_s=3725.0)) + "\n")
+    cfg = types.SimpleNamespace(max_steps=12, log_interval=1)
+    score = Score(0.0, tmp_path, enabled=True)
+    Console(cfg, 8, enabled=True, elapsed=score.elapsed).step(9, 2.9, 1e-3, 0.5, 1e4, None)
+    Console(cfg, 8, enabled=True).step(9, 2.9, 1e-3, 0.5, 1e4, None)  # no Score: this process's clock
+    resumed, alone = capsys.readouterr().out.splitlines()
+    assert resumed.startswith("step 9/12 | loss 2.9000") and "| elapsed 1:02:05 | ETA 0:00:0" in resumed, resumed
+    assert "| elapsed 0:00:00 | ETA 0:00:0" in alone, alone
+
+
+def test_sample_speed_line_reads_plainly():
+    """sample.py's last line says what was generated, how fast, and how much of it was printed (issue 28: it read
+    "8 steps x 2 samples ... (10 before the end-of-document token)")."""
+    from sample import speed_line
+    assert speed_line(2, 8, 10, 0.125, False) == ("# 2 samples x 8 new tokens = 16 tokens in 0.12 s, 128.0 tokens/s "
+                                                  "(with the KV cache); 10 printed: each sample is cut at its first "
+                                                  "end-of-document token")
+    assert speed_line(1, 8, 8, 0.5, True).endswith("= 8 tokens in 0.50 s, 16.0 tokens/s (no cache); all 8 printed")
