@@ -13,8 +13,9 @@ import os
 import sys
 import time
 
-from runtime.errors import require
+from runtime.errors import quiet_interrupt, require
 
+quiet_interrupt()  # Ctrl-C while torch imports: one line, not a traceback per rank
 require("torch")  # a clear hint when run outside .venv
 import torch
 
@@ -24,7 +25,7 @@ from distributed import init_distributed
 from runtime.errors import UserError
 from mixed_precision import LossScaler, MasterAdamW, use_master_weights
 from model import Yuan, flops_per_token, pad_vocab
-from runtime.config import grad_accum, make_config, parse_args, plan_from_args, save_record
+from runtime.config import fit_schedule, grad_accum, make_config, parse_args, plan_from_args, save_record
 from runtime.mpi import run_or_abort
 from tools.plan import peak_flops
 from runtime.checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
@@ -161,6 +162,9 @@ def setup(opts, flags, overrides):
     r.cfg = cfg = make_config(opts["preset"], **overrides)
     r.out = out = opts["out"]
     r.dist = dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface)
+    fitted = fit_schedule(cfg, overrides)  # a preset's warm-up longer than --max_steps, scaled to the run
+    if fitted:
+        dist.print0(fitted)
     resolve_dtype(cfg, dist.device)  # "auto" becomes the device's dtype
     r.data, r.grad_accum = open_data(cfg, opts, dist)
     size_vocab(cfg, r.data.tokenizer, out, flags["resume"], "vocab_size" in overrides)
@@ -177,7 +181,9 @@ def setup(opts, flags, overrides):
     if r.step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         save_record(out, cfg, opts, r.data.tokenizer_spec)  # OUT/config.json
     announce(opts["preset"], cfg, dist, r.model, r.grad_accum)  # the layout, on the console
-    r.console = Console(cfg, r.step, enabled=dist.rank == 0)  # a bar on a terminal, plain lines in a batch log
+    dist.print0(f"unigram entropy of the data {r.data.unigram_entropy():.4f} nats/token: the best loss without context")
+    # a bar on a terminal, plain lines in a batch log; its clock runs on across --resume, as the score's does
+    r.console = Console(cfg, r.step, enabled=dist.rank == 0, elapsed=r.score.elapsed)
     r.peak, r.flops = peak_flops(cfg, dist.device), flops_per_token(cfg)
     return r
 

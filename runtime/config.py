@@ -111,7 +111,10 @@ PRESETS = {
     # vocab_size 0 = from the data; the counts in the comments use the vocabulary given here.
     "tiny": dict(n_layer=4, n_head=6, n_embd=192, seq_len=128, vocab_size=4096,  # 2,590,848 params
                  micro_batch=8, batch_tokens=1024, lr=2e-3, warmup_steps=50, max_steps=1000,
-                 eval_interval=200, eval_batches=32, ckpt_interval=500),  # `make demo`: ~6 min on 2 CPU cores
+                 eval_interval=200, eval_batches=32, ckpt_interval=500,  # `make demo`: ~6 min on 2 CPU cores
+                 # init_std 0.04, not 0.02: at width 192 one Adam step at lr ~1.3e-3 moved block 0's attention so
+                 # far that the loss jumped 2.3 nats at step 34 of the demo (issue 28, bench/RESULTS.md)
+                 init_std=0.04),
     "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50304,  # 124,475,904 params
                   micro_batch=8, batch_tokens=524288, lr=6e-4, warmup_steps=700, max_steps=19000,
                   eval_interval=500, ckpt_interval=1000),
@@ -136,6 +139,27 @@ def make_config(preset, **overrides):
     if unknown:
         raise UserError(f"unknown Config field(s) {unknown}. Valid: {', '.join(sorted(valid))}.")
     return Config(**{**PRESETS[preset], **overrides})
+
+
+WARMUP_FRACTION = 0.1  # a preset's warm-up that does not fit --max_steps becomes this fraction of the run
+
+
+def fit_schedule(cfg, given):
+    """Fit the preset's warm-up and decay to a shorter run (issue 28: the quick start's --max_steps 40 with the tiny
+    preset's 50 warm-up steps ended at 80% of the peak lr, never decaying). A warm-up of max_steps or more becomes
+    WARMUP_FRACTION of the run, and a decay longer than the run ends at max_steps; a field in given (the command
+    line's overrides) is left as it is. Returns the line train.py prints about it, or "" when nothing changed."""
+    was = cfg.warmup_steps, cfg.lr_decay_steps
+    if "warmup_steps" not in given and cfg.warmup_steps >= cfg.max_steps:
+        cfg.warmup_steps = max(1, round(WARMUP_FRACTION * cfg.max_steps))
+    if "lr_decay_steps" not in given and cfg.lr_decay_steps > cfg.max_steps:
+        cfg.lr_decay_steps = 0  # 0: decay over max_steps (train.lr_at)
+    if (cfg.warmup_steps, cfg.lr_decay_steps) == was:
+        return ""
+    return (f"schedule fitted to --max_steps {cfg.max_steps}: warmup_steps {was[0]} -> {cfg.warmup_steps}, "
+            f"cosine decay to step {cfg.lr_decay_steps or cfg.max_steps}"
+            f"{f' (was {was[1]})' if was[1] != cfg.lr_decay_steps else ''}; set --warmup_steps / --lr_decay_steps "
+            f"to choose them yourself")
 
 
 def whole_batch_tokens(cfg, dp):

@@ -28,3 +28,20 @@ def require(*modules):
         sys.exit(f"error: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed for "
                  f"{sys.executable}.\nHINT: run `make .venv/.installed` once in the repository, then "
                  f".venv/bin/python {os.path.basename(sys.argv[0])} ...")
+
+
+def quiet_interrupt():
+    """Ctrl-C before a run has anything to save (importing torch, MPI and process-group start-up, opening the data,
+    loading a checkpoint) ends this process at once with 130 (128 + SIGINT) and one line from rank 0, instead of a
+    KeyboardInterrupt traceback from every rank, or a crash in an interrupted import's clean-up that mpiexec reports
+    as a segmentation fault. runtime/stopping.py takes SIGINT over once the loop can checkpoint."""
+    import os
+    import signal
+
+    def handler(signum, frame):
+        rank = next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID") if k in os.environ),
+                    "0")
+        if rank == "0":
+            os.write(2, b"interrupted during start-up, before the first step: nothing to save, nothing lost\n")
+        os._exit(130)
+    signal.signal(signal.SIGINT, handler)

@@ -326,3 +326,16 @@ def test_subgroup_collectives_time_out_too():
     seconds = float(proc.stdout.split("timed out after ")[1].split(" s")[0]) if "timed out after" in proc.stdout \
         else None
     assert seconds is not None and seconds < 10, proc.stdout + proc.stderr  # 3 s, not rank 1's 20 s sleep
+
+
+def test_ctrl_c_during_start_up_ends_quietly(prepared, tmp_path):
+    """Ctrl-C while train.py is still importing torch (issue 28): no KeyboardInterrupt traceback, one line, exit 130,
+    nothing written."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *SMALL, "--data", prepared, "--out",
+                             tmp_path / "run"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the handler is in place within ~0.1 s; importing torch takes seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "interrupted during start-up" in err
+    assert not (tmp_path / "run").exists()
