@@ -181,7 +181,9 @@ def setup(opts, flags, overrides):
     if r.step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
         save_record(out, cfg, opts, r.data.tokenizer_spec)  # OUT/config.json
     announce(opts["preset"], cfg, dist, r.model, r.grad_accum)  # the layout, on the console
-    dist.print0(f"unigram entropy of the data {r.data.unigram_entropy():.4f} nats/token: the best loss without context")
+    # the loss of the best model that ignores context (up to 10M tokens read): computed once, by rank 0, which prints it
+    r.floor = r.data.unigram_entropy() if dist.rank == 0 else float("nan")
+    dist.print0(f"unigram entropy of the data {r.floor:.4f} nats/token: the best loss without context")
     # a bar on a terminal, plain lines in a batch log; its clock runs on across --resume, as the score's does
     r.console = Console(cfg, r.step, enabled=dist.rank == 0, elapsed=r.score.elapsed)
     r.peak, r.flops = peak_flops(cfg, dist.device), flops_per_token(cfg)
@@ -248,7 +250,7 @@ def train(argv):
     elif ran_steps:
         dist.print0(score.summary(step * cfg.batch_tokens, val_loss))
         dist.print0(f"done: val loss {val_loss:.4f} nats/token; unigram entropy of the data "
-                    f"{r.data.unigram_entropy():.4f} (the best loss without context). Checkpoints in {r.out}")
+                    f"{r.floor:.4f} (the best loss without context). Checkpoints in {r.out}")
     else:
         dist.print0(f"nothing to do: {r.out} is already at step {step} = max_steps")
     return r.model

@@ -24,13 +24,8 @@ def main():
     for zero1 in (False, True):
         cfg = make_config("tiny", n_layer=2, n_embd=256, n_head=4, seq_len=64, vocab_size=2048, micro_batch=1,
                           dtype="bf16", zero1=zero1, bucket_mb=1.0)
-        with tempfile.TemporaryDirectory() as out:
-            out = [out]
-            dist_out = [None] * dist.world
-            if dist.world > 1:  # every rank writes where data-parallel rank 0 does (only it writes)
-                tdist.all_gather_object(dist_out, out[0])
-                out = dist_out[:1]
-            train, ckpt = measured_peak(cfg, dist=dist, checkpoint_to=out[0])
+        with tempfile.TemporaryDirectory() as out:  # only data-parallel rank 0 writes into its own
+            train, ckpt = measured_peak(cfg, dist=dist, checkpoint_to=out)
         want, got = estimate(cfg, tp=1, dp=dist.world, dtype="bf16")["total_bytes"], max(train, ckpt)
         lines.append(f"dp {dist.world} zero1={zero1}: plan {want / 1e6:.2f} MB, measured {got / 1e6:.2f} MB (training "
                      f"{train / 1e6:.2f}, checkpoint {ckpt / 1e6:.2f}), plan / measured {want / got:.3f}")
