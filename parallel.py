@@ -227,8 +227,8 @@ def sync_sequence_parallel_grads(params, dist):
     if dist.tp == 1 or not grads:
         return
     flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), dist)
-    for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(chunk.view_as(grad))
+    chunks = [c.view_as(g) for g, c in zip(grads, flat.split([g.numel() for g in grads]))]
+    torch._foreach_copy_(grads, chunks)  # one multi-tensor kernel, not a copy per parameter
 
 
 def shard(full, dist, dim):

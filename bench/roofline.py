@@ -30,12 +30,15 @@ Conventions, stated once:
     parallel input gradient) is hidden up to the time of the next matmul (its weight-gradient GEMM); the
     data-parallel bucket reduction during the last backward is exposed for max(its last bucket, all buckets -
     that backward's compute); everything after backward (ZeRO-1 all-gather, norms) is exposed.
-  * micro-batches per step: --accum, else batch_tokens / (micro_batch x seq_len x dp). At most 3 are recorded
-    (first, middle, last: the middle one stands for every other) plus the once-per-step work.
+  * micro-batches per step: --accum, else batch_tokens / (micro_batch x seq_len x dp). At most 3 are priced
+    (first, middle, last: the middle one stands for every other) plus the once-per-step work. In fp32 all three are
+    recorded; under master weights only the last, and the others are it without the data-parallel collectives
+    (alike(): the same ops, tests/test_roofline.py), which makes a yuan-4.7b projection 2-3 s instead of 7-8.
   * categories: matmul (a weight-gradient GEMM that adds into main_grad too: the add is its epilogue), attention,
     elementwise (with norms, copies, embedding, loss), cast (a copy that changes dtype), grad_accum (an add into a
     parameter's .grad or .main_grad during backward), optimizer (everything in clipping and opt.step), communication
-    (the exposed part). One unrecorded step runs first, so that AdamW's moments exist as in every later step.
+    (the exposed part). An unrecorded AdamW step on zero gradients runs first (warm_up), so that AdamW's moments
+    exist as in every later step.
   * the op stream is the CPU's: SDPA takes its flash kernel only without dropout (with dropout > 0 it takes the
     math path, T x T scores, which a GPU would not); the fake process group answers "nccl" to get_backend, so the
     trainer takes its NCCL code path (reduce-scatter, all-gather into one tensor).
@@ -142,6 +145,7 @@ GEMM_K0, GEMM_FIXED_S = 80, 5e-6
 LAUNCH_S = 1 / 280_000
 
 aten = torch.ops.aten
+PRIM_DEVICE = torch.ops.prim.device.default
 # in-place forms (main_grad.addmm_) priced with their out-of-place formula
 MATMUL = {aten.mm: aten.mm, aten.addmm: aten.addmm, aten.bmm: aten.bmm, aten.baddbmm: aten.baddbmm,
           aten.addmm_: aten.addmm, aten.baddbmm_: aten.baddbmm}
@@ -175,16 +179,30 @@ class Recorder(TorchDispatchMode):
     """Every aten op of the step: {name, shapes, category, flops, bytes, phase, backward, ...}. phase is the
     micro-batch index or "step" (once per step: the reducer's finish, clipping, AdamW, zero_grad)."""
 
-    def __init__(self, params, group, keep_tensors=False):
+    def __init__(self, params, group, keep_tensors=False, fake=None):
         super().__init__()
-        self.params, self.group, self.keep = params, group, keep_tensors
+        self.params, self.group, self.keep, self.fake = params, group, keep_tensors, fake
+        self.by_shape = defaultdict(list)  # a gradient has its parameter's shape: is_grad() looks among those only
+        for p in params:
+            self.by_shape[p.shape].append(p)
         self.ops, self.phase, self.backward, self.optimizer = [], None, False, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is PRIM_DEVICE:  # asked of every fake tensor by every op: answered here, the shortest way
+            return getattr(args[0], "fake_device", None) or func(*args)
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default:  # .item(): a fake tensor has no value; see the docstring
             return 1.0 if args[0].dtype.is_floating_point else 1
-        out = func(*args, **kwargs)
+        if self.fake and any(isinstance(a, list) and len(a) > 8 for a in args):
+            # FakeTensorMode's cache key hashes every tensor of a list: for the optimizer's multi-tensor kernels,
+            # over hundreds of parameters, that costs more than running the op uncached
+            self.fake.cache_enabled = False
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                self.fake.cache_enabled = True
+        else:
+            out = func(*args, **kwargs)
         if self.phase is not None and func.namespace in ("aten", "c10d"):  # not prim, profiler
             self.record(func, args, kwargs, out)
         return out
@@ -212,7 +230,7 @@ class Recorder(TorchDispatchMode):
             a, b = operands[-2:]  # [(batch,) M, K] @ [(batch,) K, N]
             op["mnk"] = (a.shape[0] if a.dim() == 3 else 1, a.size(-2), b.size(-1), a.size(-1))
             op["dtype"] = operands[-1].dtype  # the operands' precision sets the rate, not an fp32 accumulator's
-            if self.backward and id(outs[0]) in self.grad_ids():  # a weight-gradient GEMM adding into main_grad
+            if self.backward and self.is_grad(outs[0]):  # a weight-gradient GEMM adding into main_grad
                 op["accumulates"] = outs[0].numel()
         elif packet in ATTENTION:
             q, k = args[1:3] if ATTENTION[packet] == 8 else args[0:2]  # [B, h, T, hd]; backward begins with dout
@@ -226,7 +244,7 @@ class Recorder(TorchDispatchMode):
             op["cat"] = "optimizer"
         elif packet in (aten._to_copy, aten.copy_) and ins and outs and ins[-1].dtype != outs[0].dtype:
             op["cat"] = "cast"
-        elif packet in (aten.add, aten.add_) and self.backward and id(args[0]) in self.grad_ids():
+        elif packet in (aten.add, aten.add_) and self.backward and self.is_grad(args[0]):
             op["cat"], op["accumulates"] = "grad_accum", args[0].numel()  # `grad += new` or `main_grad += new`
         else:
             op["cat"] = "elementwise"
@@ -234,8 +252,10 @@ class Recorder(TorchDispatchMode):
             op["ins"], op["outs"] = ins, outs
         self.ops.append(op)
 
-    def grad_ids(self):
-        return {id(g) for p in self.params for g in (p.grad, getattr(p, "main_grad", None)) if g is not None}
+    def is_grad(self, t):
+        """Whether t is a parameter's gradient accumulator: its .grad, or its main_grad under master weights."""
+        return isinstance(t, torch.Tensor) and any(t is g for p in self.by_shape.get(t.shape, ())
+                                                   for g in (p.grad, getattr(p, "main_grad", None)))
 
     def collective(self, func, args, kwargs, op):
         """c10d ops pass through the dispatch mode: all-reduce, all-gather, reduce-scatter (list or flat forms)."""
@@ -279,8 +299,10 @@ def fake_layout(tp, dp):
     names = {id(tp_group): ("tp", tp), id(dp_group): ("dp", dp)}
 
     def which_group(fn):
+        signature = inspect.signature(fn)
+
         def call(*args, **kwargs):
-            group = inspect.signature(fn).bind(*args, **kwargs).arguments.get("group")
+            group = signature.bind(*args, **kwargs).arguments.get("group")
             current["group"] = names.get(id(group), ("world", tp * dp))
             return fn(*args, **kwargs)
         return call
@@ -307,11 +329,25 @@ def patched(obj, name, wrap):
         setattr(obj, name, old)
 
 
-def record_step(cfg, tp, dp, micro_batches, keep_tensors=False):
-    """Build the model and run one train.train_step of `micro_batches` under fake tensors; returns the Recorder."""
+def warm_up(opt):
+    """One AdamW step on zero gradients, so that its moments exist, as in every step after the first, without a
+    forward and backward (nothing the step depends on is made in those: tests/test_roofline.py). Under master weights
+    and ZeRO-1, the AdamW inside (.inner) alone: what it updates is copied on to the weights later, by every step."""
+    adamw = getattr(opt, "inner", opt)
+    for group in adamw.param_groups:  # the parameters it updates: ZeRO-1's shards, the fp32 masters, or the weights
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    adamw.step()
+    adamw.zero_grad(set_to_none=True)
+
+
+def record_step(cfg, tp, dp, micro_batches, keep_tensors=False, full_warm_up=False):
+    """Build the model and run one train.train_step of `micro_batches` under fake tensors; returns the Recorder.
+    Before it, unrecorded: warm_up, or with full_warm_up a whole step of one micro-batch (what warm_up stands for)."""
     cfg = replace(cfg)  # a copy: the caller's stays as it was
     cfg.compile = False  # dynamo does not trace fake tensors; --compile is priced by the fusion rule instead
-    with fake_layout(tp, dp) as (dist, group), FakeTensorMode():
+    with fake_layout(tp, dp) as (dist, group), FakeTensorMode() as fake:
         # Module.to(cpu) would swap each fake parameter for itself, which torch refuses (it holds weak references
         # to them); every fake tensor already is on the CPU, so .to is skipped while building.
         with patched(torch.nn.Module, "to", lambda old: lambda self, *a, **k: self):
@@ -319,10 +355,13 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False):
         train.resolve_dtype(cfg, dist.device)
         scaler = train.LossScaler(enabled=cfg.dtype == "fp16")
         ids = torch.zeros(cfg.micro_batch, cfg.seq_len + 1, dtype=torch.long)
-        rec = Recorder(list(model.parameters()), group, keep_tensors)
-        with rec:  # one step unrecorded (phase None) first: AdamW's moments exist then, as in every later step
-            train.train_step(model, opt, reducer, scaler, clip_params, 1, cfg, dist,
-                             lambda micro: (ids[:, :-1], ids[:, 1:]))
+        rec = Recorder(list(model.parameters()), group, keep_tensors, fake if fake.cache_enabled else None)
+        with rec:  # one step unrecorded (phase None) first, so that AdamW's moments exist, as in every later step
+            if full_warm_up:
+                train.train_step(model, opt, reducer, scaler, clip_params, 1, cfg, dist,
+                                 lambda micro: (ids[:, :-1], ids[:, 1:]))
+            else:
+                warm_up(opt)
 
         def batch(micro):  # train_step asks for micro-batch i just before its forward: a new phase begins
             rec.phase = micro
@@ -463,9 +502,23 @@ def gpu_key(name):
     return (exact or family[-1:] or [None])[0]
 
 
-def project(preset, overrides=None, gpu="H100", tp=1, dp=1, accum=None, ops_out=None):
+def alike(ops, micro_batches):
+    """The ops of a step of `micro_batches` from a recording of one (the last, phase 0) and the once-per-step work:
+    every earlier micro-batch runs the last one's ops but the data-parallel collectives. So it is under master
+    weights, where every micro-batch adds into the same main_grad (in fp32 the first one assigns .grad instead):
+    tests/test_roofline.py holds it against a recording of each."""
+    last = [op for op in ops if op["phase"] == 0]
+    earlier = [op for op in last if not (op["cat"] == "communication" and op["group"] == "dp")]
+    return ([{**op, "phase": i} for i in range(micro_batches - 1) for op in earlier] +
+            [{**op, "phase": micro_batches - 1} for op in last] + [op for op in ops if op["phase"] != 0])
+
+
+def project(preset, overrides=None, gpu="H100", tp=1, dp=1, accum=None, ops_out=None, record_each=False,
+            full_warm_up=False):
     """The projected step of `preset` with Config `overrides` on tp x dp GPUs of kind `gpu` (a GPUS key, or a dict
-    of the same fields, e.g. measure_cpu()'s). Returns a dict (see the keys below); tools/plan.py imports this."""
+    of the same fields, e.g. measure_cpu()'s). Returns a dict (see the keys below); tools/plan.py imports this.
+    Under master weights (bf16, fp16) one micro-batch is recorded and the others derived from it (alike), unless
+    record_each: a third of the time. full_warm_up: see record_step (tests/test_roofline.py compares them)."""
     overrides = dict(overrides or {})
     spec = gpu if isinstance(gpu, dict) else GPUS.get(gpu)
     if spec is None:
@@ -487,8 +540,10 @@ def project(preset, overrides=None, gpu="H100", tp=1, dp=1, accum=None, ops_out=
         raise UserError(f"--accum {accum} must be at least 1.")
     recorded = min(accum, 3)
     t0 = time.perf_counter()
-    rec = record_step(cfg, tp, dp, recorded, keep_tensors=cfg.compile)
-    ops = price(fuse(rec.ops) if cfg.compile else rec.ops, spec, tp, dp)
+    derived = recorded > 1 and cfg.dtype in ("bf16", "fp16") and not record_each
+    rec = record_step(cfg, tp, dp, 1 if derived else recorded, keep_tensors=cfg.compile, full_warm_up=full_warm_up)
+    ops = alike(rec.ops, recorded) if derived else rec.ops
+    ops = price(fuse(ops) if cfg.compile else ops, spec, tp, dp)
     # how many times each recorded phase happens in a step: first, middle (stands for accum - 2), last, once
     weight = {0: 1, "step": 1, recorded - 1: 1}
     if recorded == 3:
@@ -513,7 +568,7 @@ def project(preset, overrides=None, gpu="H100", tp=1, dp=1, accum=None, ops_out=
     return dict(preset=preset, gpu=gpu if isinstance(gpu, str) else spec.get("name", "custom"), tp=tp, dp=dp,
                 gpus=tp * dp, dtype=cfg.dtype, micro_batch=cfg.micro_batch, seq_len=cfg.seq_len,
                 recompute=cfg.recompute, zero1=cfg.zero1, sequence_parallel=cfg.sp, compile=cfg.compile,
-                micro_batches=accum, recorded_micro_batches=recorded, micro_batch_s=micro_s, step_s=step_s,
+                micro_batches=accum, recorded_micro_batches=1 if derived else recorded, micro_batch_s=micro_s, step_s=step_s,
                 tokens_per_s=tokens * dp / step_s, mfu=mfu, step_flops_per_rank=flops,
                 model_flops_per_rank=flops_per_token(cfg) * tokens / tp,
                 seconds_by_category={c: cats[c] for c in CATEGORIES},

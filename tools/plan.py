@@ -186,21 +186,41 @@ def layouts(preset, overrides, gpus):
 
 def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
     """The layouts of `gpus` GPUs (layouts(), with their flags) that fit in mem_gb, fastest first by
-    bench/roofline.py's projection (rank_by_speed; a few seconds each), else smallest tp first."""
+    bench/roofline.py's projection (rank_by_speed; a few seconds each, several at once: project_all), else smallest
+    tp first."""
     rows = []
     for lay in layouts(preset, overrides, gpus):
-        tp, dp, zero1, over = lay["tp"], lay["dp"], lay["zero1"], lay["overrides"]
-        cfg = make_config(preset, **over)
+        cfg = make_config(preset, **lay["overrides"])
         dtype = gpu_dtype(cfg, gpu)
-        need = estimate(cfg, tp, dp, dtype)["total_bytes"] / 1e9
+        need = estimate(cfg, lay["tp"], lay["dp"], dtype)["total_bytes"] / 1e9
         if need + SLACK_GB <= mem_gb:
-            if rank_by_speed:
-                print(f"projecting tp {tp} x dp {dp}{' with ZeRO-1' if zero1 else ''}, which fits ...", file=sys.stderr,
-                      flush=True)
-            speed = projected_mfu(preset, over, gpu, tp, dp, dtype)[0] if rank_by_speed else None
-            rows.append(dict(tp=tp, dp=dp, zero1=zero1, memory_gb=round(need, 2), mfu=speed, flags=lay["flags"],
-                             batch_tokens=cfg.batch_tokens, note=lay["note"]))
+            rows.append(dict(tp=lay["tp"], dp=lay["dp"], zero1=lay["zero1"], memory_gb=round(need, 2), mfu=None,
+                             flags=lay["flags"], batch_tokens=cfg.batch_tokens, note=lay["note"],
+                             job=(preset, lay["overrides"], gpu, lay["tp"], lay["dp"], dtype)))
+    if rank_by_speed:
+        for row, mfu in zip(rows, project_all([row["job"] for row in rows])):
+            row["mfu"] = mfu
+    for row in rows:
+        del row["job"]
     return sorted(rows, key=lambda r: -r["mfu"]) if rank_by_speed else sorted(rows, key=lambda r: r["tp"])
+
+
+def _projected(job):
+    return projected_mfu(*job)[0]
+
+
+def project_all(jobs):
+    """projected_mfu of each job (its arguments), in as many processes as this machine gives us cores: each
+    projection runs the training step under fake tensors, a few seconds of one core, and they share nothing."""
+    workers = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    print(f"projecting the {len(jobs)} layouts that fit, {workers} at a time ...", file=sys.stderr, flush=True)
+    if workers <= 1:
+        return [_projected(job) for job in jobs]
+    import multiprocessing
+    import signal
+    import torch._dynamo  # noqa: F401  (what a fake tensor imports on first use, a second: once, before the fork)
+    with multiprocessing.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        return pool.map(_projected, jobs, chunksize=1)  # Ctrl-C reaches this process alone, which ends the pool
 
 
 def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, tokens=1e9, as_json=False):
