@@ -29,10 +29,9 @@ import warnings
 from runtime.errors import require
 
 require("numpy")  # a clear hint when run outside .venv
-import numpy as np
 
 from runtime.mpi import run_or_abort  # not distributed.py: no torch for a data job
-from dataprep.windows import open_windows
+# numpy is imported where it is used: `data.py encode` and `decode` start without it (a tenth of their start-up)
 
 # ------------------------------------------------------------------------------------------------------------------
 # Reading for training
@@ -40,6 +39,7 @@ from dataprep.windows import open_windows
 
 def _mix(z):
     """splitmix64's finalizer: a well-scrambled 64-bit hash of each element (uint64 arithmetic wraps)."""
+    import numpy as np
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
@@ -49,6 +49,7 @@ def permute(i, n, keys):
     """A pseudo-random permutation of range(n) evaluated at the array i, without building a table of n entries:
     a Feistel network on the smallest even number of bits that covers n (a bijection, whatever the round function),
     and values that land >= n are sent through it again until they fall inside ("cycle walking")."""
+    import numpy as np
     half = np.uint64(max(1, (int(n - 1).bit_length() + 1) // 2))
     mask = (np.uint64(1) << half) - np.uint64(1)
     out = np.array(i, dtype=np.uint64)
@@ -89,6 +90,7 @@ class Batches:
 
     def __init__(self, data, seq_len, micro_batch, seed, rank=0, dp=1, accum=1, pin_memory=False, tokenizer=None,
                  val_data=None, val_fraction=0.01):
+        from dataprep.windows import open_windows
         self.seq_len, self.micro_batch, self.seed, self.rank, self.dp = seq_len, micro_batch, seed, rank, dp
         self.step_windows = micro_batch * accum * dp
         # Each split a Blend of grids of windows (dataprep/windows.py), every file checked as it is opened.
@@ -109,6 +111,7 @@ class Batches:
         if key not in self._keys:
             if len(self._keys) > 64:
                 self._keys = {}
+            import numpy as np
             seeds = [self.seed, epoch] if len(self.train.grids) == 1 else [self.seed, epoch, grid]
             self._keys[key] = np.random.default_rng(seeds).integers(0, 2**63, 4, dtype=np.uint64)
         return self._keys[key]
@@ -127,6 +130,7 @@ class Batches:
 
     def train_ids(self, step, micro):
         """(grid, window) of each window of this rank's micro-batch `micro` at `step`."""
+        import numpy as np
         first = step * self.step_windows + (micro * self.dp + self.rank) * self.micro_batch
         g = np.arange(first, first + self.micro_batch, dtype=np.int64)  # positions in the endless stream
         grid, local = self.train.locate(g)
@@ -154,6 +158,7 @@ class Batches:
     def unigram_entropy(self, max_tokens=10_000_000):
         """Entropy (nats/token) of the token frequencies in the first max_tokens of the train data: the loss of the
         best model that ignores context. A trained model's val loss should end far below it."""
+        import numpy as np
         counts = np.zeros(self.tokenizer["n_vocab"], dtype=np.int64)
         left = max_tokens
         for arr in (a for g in self.train.grids for a in g.arrays):
@@ -168,11 +173,17 @@ class Batches:
 
 
 def transcode(cmd, spec):
-    """data.py encode / decode: stdin to stdout, a line at a time (a pipe sees each line as soon as it is done)."""
+    """data.py encode / decode: stdin to stdout, a line at a time (a pipe sees each line as soon as it is done;
+    from a file, output is written in blocks)."""
+    import os
+    import stat
     from dataprep.tokenizer import decode_lines, encode_lines, load_tokenizer
     enc = load_tokenizer(spec)[0]
+    from_file = stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)
     for line in (encode_lines if cmd == "encode" else decode_lines)(enc, sys.stdin):
-        print(line, flush=True)
+        sys.stdout.write(line + "\n")
+        if not from_file:
+            sys.stdout.flush()
 
 
 def main(argv=None):

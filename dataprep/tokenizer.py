@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 
-import numpy as np
-
 from runtime.errors import UserError
 
 # Pre-tokenizer split (GPT-2's, which tiktoken's r50k_base also uses). Runs of Chinese characters stay one piece,
@@ -314,45 +312,76 @@ TO_MARKS = str.maketrans(" \n", "\u2582\u2583")  # space -> ▂, newline -> ▃ 
 ASCII_END, ASCII_WORD = re.compile("[!-~]$"), re.compile("[A-Za-z0-9]")  # decode: a space between "x" and "y"
 
 
-# jieba-rs takes more characters into its blocks (CJK extensions, compatibility ideographs) and cuts ASCII in them
-# otherwise; a run of such characters that holds one of those goes to jieba, whole (a linear match: from a run's start)
-SLOW_RUN = re.compile("(?<![\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-])([\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-]*[\u3400-\u4DBF\u9FD6-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-][\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1Fa-zA-Z0-9+#&\\._%\\-]*)")
+# jieba-rs (rjieba) gives jieba's words but in two places. (1) Its blocks also take the CJK extensions and
+# compatibility ideographs (RARE), which jieba puts each in a word of its own: the text is cut at each of those first,
+# and each part on its own (jieba cuts its blocks one by one: nothing is lost). (2) Letters and digits joined by
+# ".", "_" or "-" outside a dictionary word are one word to it ("a.b", "B-H100", "3.5AT0"); jieba cuts them with
+# finalseg's pattern ("a" "." "b", "B" "-" "H100", "3.5" "AT0"): such a word is cut again the same way. Checked
+# against jieba on 250,000 random mixes of Chinese, ASCII words, punctuation and RARE, and on bench/yuan_parity.py.
+RARE = "\u3400-\u4DBF\u9FD6-\u9FFF\uF900-\uFAFF\U00020000-\U0002FA1F"  # in jieba-rs's blocks, not in jieba's
+RARE_ONE = re.compile(f"([{RARE}])")
+JOINED = re.compile("[a-zA-Z0-9+#&%]*[._\\-][a-zA-Z0-9+#&._%\\-]*$")  # an ASCII word with ".", "_" or "-"
+FINALSEG = re.compile("([a-zA-Z0-9]+(?:\\.\\d+)?%?)")  # jieba.finalseg's re_skip
+NEAR_JOINER = re.compile("[a-zA-Z0-9+#&%][._\\-]|[._\\-][a-zA-Z0-9+#&%]")
+# Text with no Chinese character and none of the five ASCII words of jieba's dictionary (AT&T, c#, C#, c++, C++) is cut
+# by jieba without its dictionary: each run of block characters [a-zA-Z0-9+#&._%-] into finalseg's pieces, every
+# other character alone, "\r\n" whole. One pattern does all three, without loading a dictionary (English lines).
+NEEDS_A_DICTIONARY = re.compile("[\u4E00-\u9FD5]|AT&T|[cC]#|[cC]\\+\\+")
+NO_DICTIONARY = re.compile("[a-zA-Z0-9]+(?:\\.\\d+)?%?|[+#&._%\\-]+|\r\n|.", re.S)
 
 
 def _jieba_cut():
     """jieba 0.42.1's precise mode (HMM on), as a function text -> words. jieba itself is the reference; where
-    rjieba (jieba-rs) is installed, it cuts the text between SLOW_RUNs, many times faster and with the same words
-    (checked on 10 MB: bench/RESULTS.md, "Yuan tokenizer parity"). jieba cuts each SLOW_RUN: there jieba-rs's
-    blocks differ, and it keeps "example.com" one word where jieba gives three."""
-    try:
-        import jieba
-    except ImportError:
+    rjieba (jieba-rs) is installed, it cuts the text, many times faster and with the same words (above; checked on
+    10 MB: bench/RESULTS.md, "Yuan tokenizer parity"). Text that needs no dictionary is cut by a pattern. Each
+    dictionary is loaded when a text first needs it: rjieba's takes a tenth of a second, jieba's half a second."""
+    import importlib.util
+    if importlib.util.find_spec("jieba") is None:  # a clear error at once; the dictionaries load when needed
         raise UserError("the yuan: tokenizer segments words with jieba, which is not installed.\n"
-                        "HINT: .venv/bin/pip install jieba==0.42.1 rjieba  (rjieba is optional: it is faster)") from None
-    jieba.setLogLevel(60)  # no "Building prefix dict ..." on stderr
-    try:
-        from rjieba import cut as fast
-    except ImportError:
-        return jieba.lcut
+                        "HINT: .venv/bin/pip install jieba==0.42.1 rjieba  (rjieba is optional: it is faster)")
+    loaded = {}
 
-    slow = {}  # slow run -> its words: web text repeats its "2022年", "iPhone", "COVID-19"
+    def dictionary_cut(text):
+        if not loaded:
+            try:
+                from rjieba import cut
+            except ImportError:  # jieba itself, everywhere
+                import jieba
+                jieba.setLogLevel(60)  # no "Building prefix dict ..." on stderr
+                cut = jieba.lcut
+            loaded["cut"] = cut
+        words = loaded["cut"](text)
+        if NEAR_JOINER.search(text):  # else no word of the text can be one to cut again
+            joined = [i for i, w in enumerate(words) if len(w) > 1 and JOINED.match(w)]
+            for i in reversed(joined):  # (2) above
+                words[i:i + 1] = [x for x in FINALSEG.split(words[i]) if x]
+        return words
 
     def cut(text):
-        words, parts = [], SLOW_RUN.split(text)  # [fast part, slow run, fast part, ...]
-        for i, part in enumerate(parts):
-            if not part:
-                continue
-            if i % 2 == 0:
-                words += fast(part)
-                continue
-            known = slow.get(part)
-            if known is None:
-                if len(slow) >= 1 << 18:
-                    slow.clear()
-                known = slow[part] = jieba.lcut(part)
-            words += known
+        if not NEEDS_A_DICTIONARY.search(text):
+            return NO_DICTIONARY.findall(text)
+        if not RARE_ONE.search(text):
+            return dictionary_cut(text)
+        words = []
+        for i, part in enumerate(RARE_ONE.split(text)):  # [text, one RARE character, text, ...]
+            if i % 2:
+                words.append(part)
+            elif part:
+                words += dictionary_cut(part)
         return words
     return cut
+
+
+class Words(dict):
+    """word -> its ids, each word split (the function given) the first time it is asked for."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.split = split
+
+    def __missing__(self, word):
+        ids = self[word] = self.split(word.translate(TO_MARKS))
+        return ids
 
 
 class YuanTokenizer:
@@ -382,23 +411,39 @@ class YuanTokenizer:
         self.unk, self.eot_token = self.vocab["<unk>"], self.vocab["<eod>"]
         self.piece = {i: p for p, i in self.vocab.items()}
         # "English" ids: no Chinese character in the piece; the space itself is not one
-        self.english = [i in self.piece and not CHINESE.search(self.piece[i]) for i in range(self.n_vocab)]
+        chinese = {i for p, i in self.vocab.items() if CHINESE.search(p)}
+        self.english = [i in self.piece and i not in chinese for i in range(self.n_vocab)]
         self.english[self.SPACE] = False
         self.cut = _jieba_cut()
-        self.words = {}  # word -> its ids; a corpus repeats its words, so most words are split once
+        self.words = Words(self._split)  # word -> its ids; a corpus repeats its words, so most words are split once
+        # character -> (the longest piece that begins with it, the longest that follows a "##"), in characters
+        self.reach = {}
+        for p in filter(None, self.vocab):
+            whole, after = self.reach.get(p[0], (0, 0))
+            self.reach[p[0]] = (max(whole, len(p)), after)
+            if p.startswith("##") and len(p) > 2:
+                whole, after = self.reach.get(p[2], (0, 0))
+                self.reach[p[2]] = (whole, max(after, len(p) - 2))
 
     def _split(self, word):
-        """Step 2 for one word (▂ and ▃ already in it)."""
+        """Step 2 for one word (▂ and ▃ already in it). The longest match from each start looks no further than the
+        longest piece that begins with that character (self.reach: as it is, and after "##")."""
         if len(word) > 200:
             return [self.unk]
-        ids, start = [], 0
-        while start < len(word):
-            for end in range(len(word), start, -1):  # the longest piece first
-                piece = word[start:end]
-                if not CHINESE.search(piece) and start > 0:
-                    piece = "##" + piece
-                if piece in self.vocab:
-                    ids.append(self.vocab[piece])
+        vocab, n, ids, start = self.vocab, len(word), [], 0
+        if word in vocab:  # the longest match from the start: the whole word, one piece (most Chinese words)
+            return [vocab[word]]
+        first = CHINESE.search(word)
+        plain = first.start() if first else n  # word[start:end] holds a Chinese character iff end > plain
+        while start < n:
+            if start > plain:  # past that Chinese character: the next one
+                first = CHINESE.search(word, start)
+                plain = first.start() if first else n
+            whole, after = self.reach.get(word[start], (0, 0))
+            for end in range(min(n, start + (whole if start == 0 else max(whole, after))), start, -1):
+                i = vocab.get(word[start:end] if start == 0 or end > plain else "##" + word[start:end])
+                if i is not None:
+                    ids.append(i)
                     start = end
                     break
             else:
@@ -407,19 +452,18 @@ class YuanTokenizer:
         return ids
 
     def encode_ordinary(self, text):
-        ids = []
-        for word in self.cut(text):
-            known = self.words.get(word)
-            if known is None:
-                if len(self.words) >= 1 << 20:  # bound the memory; the frequent words come back at once
-                    self.words.clear()
-                known = self.words[word] = self._split(word.translate(TO_MARKS))
-            ids += known
+        words = self.words
+        ids = [x for word in self.cut(text) for x in words[word]]
+        if len(words) >= 1 << 20:  # bound the memory; the frequent words come back at once
+            words.clear()
+        if self.SPACE not in ids[1:-1]:
+            return ids
         en, space = self.english, self.SPACE
         return ids[:1] + [x for prev, x, nxt in zip(ids, ids[1:-1], ids[2:])
                           if not (x == space and en[prev] and en[nxt])] + ids[1:][-1:]
 
     def encode_to_numpy(self, text, disallowed_special=()):
+        import numpy as np  # not at the top: data.py encode needs none
         return np.array(self.encode_ordinary(text), dtype=np.uint32)
 
     def decode(self, ids, errors=None):
@@ -471,6 +515,7 @@ class BertTokenizer:
         return self.tok.encode(text.lower(), add_special_tokens=False).ids
 
     def encode_to_numpy(self, text, disallowed_special=()):
+        import numpy as np  # not at the top: data.py encode needs none
         return np.array(self.encode_ordinary(text), dtype=np.uint32)
 
     def exported(self):
