@@ -273,8 +273,8 @@ class ZeroAdamW:
                 wait(work, self.dist)
         masters = [p for b in self.buckets for p in b.params if hasattr(p, "master")]
         if masters:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in masters], [p.master for p in masters])  # rounded to bf16
+            with torch.no_grad():  # in place on the parameters
+                torch._foreach_copy_(masters, [p.master for p in masters])  # rounded to bf16
 
     def zero_grad(self, set_to_none=True):
         self.inner.zero_grad(set_to_none=set_to_none)

@@ -161,7 +161,7 @@ class MasterAdamW:
         for p in self.params:
             p.master.grad = p.main_grad  # the same fp32 tensor: no copy
         self.inner.step()
-        torch._foreach_copy_([p.data for p in self.params], [p.master for p in self.params])  # rounded to bf16
+        torch._foreach_copy_(self.params, [p.master for p in self.params])  # rounded to bf16 (no_grad: in place)
 
     def zero_grad(self, set_to_none=True):
         torch._foreach_zero_([p.main_grad for p in self.params])

@@ -45,6 +45,7 @@ Conventions, stated once:
   * .item() (clip_grad_norm's norm, LossScaler's isfinite) has no value under fake tensors: the recorder answers 1.0,
     a finite norm, so the optimizer step is taken and recorded. Nothing in the trainer is patched for that.
 """
+import gc
 import inspect
 import json
 import math
@@ -181,11 +182,15 @@ class Recorder(TorchDispatchMode):
 
     def __init__(self, params, group, keep_tensors=False, fake=None):
         super().__init__()
-        self.params, self.group, self.keep, self.fake = params, group, keep_tensors, fake
+        self.group, self.keep, self.fake = group, keep_tensors, fake
+        self.watch(params)
+        self.ops, self.phase, self.backward, self.optimizer = [], None, False, False
+
+    def watch(self, params):
+        """The parameters whose gradients (.grad, main_grad) an add or a weight-gradient GEMM may accumulate into."""
         self.by_shape = defaultdict(list)  # a gradient has its parameter's shape: is_grad() looks among those only
         for p in params:
             self.by_shape[p.shape].append(p)
-        self.ops, self.phase, self.backward, self.optimizer = [], None, False, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is PRIM_DEVICE:  # asked of every fake tensor by every op: answered here, the shortest way
@@ -320,6 +325,19 @@ def fake_layout(tp, dp):
 
 
 @contextmanager
+def paused_gc():
+    """Python's cyclic garbage collector off while a step is recorded: the recording makes some hundred thousand
+    short-lived objects (fake tensors, autograd nodes) that it would otherwise walk again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextmanager
 def patched(obj, name, wrap):
     old = getattr(obj, name)
     setattr(obj, name, wrap(old))
@@ -347,15 +365,18 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False, full_warm_up=Fal
     Before it, unrecorded: warm_up, or with full_warm_up a whole step of one micro-batch (what warm_up stands for)."""
     cfg = replace(cfg)  # a copy: the caller's stays as it was
     cfg.compile = False  # dynamo does not trace fake tensors; --compile is priced by the fusion rule instead
-    with fake_layout(tp, dp) as (dist, group), FakeTensorMode() as fake:
+    with fake_layout(tp, dp) as (dist, group), FakeTensorMode() as fake, paused_gc():
+        rec = Recorder([], group, keep_tensors, fake if fake.cache_enabled else None)  # phase None: records nothing
         # Module.to(cpu) would swap each fake parameter for itself, which torch refuses (it holds weak references
-        # to them); every fake tensor already is on the CPU, so .to is skipped while building.
-        with patched(torch.nn.Module, "to", lambda old: lambda self, *a, **k: self):
+        # to them); every fake tensor already is on the CPU, so .to is skipped while building. A fake tensor holds no
+        # values either: the weights' initialisation (model.Yuan.init_weights, no op of the step) is skipped too.
+        with patched(torch.nn.Module, "to", lambda old: lambda self, *a, **k: self), rec, \
+                patched(train.Yuan, "init_weights", lambda old: lambda self, seed: None):
             model, opt, reducer, clip_params = train.build(cfg, dist)
+        rec.watch(list(model.parameters()))
         train.resolve_dtype(cfg, dist.device)
         scaler = train.LossScaler(enabled=cfg.dtype == "fp16")
         ids = torch.zeros(cfg.micro_batch, cfg.seq_len + 1, dtype=torch.long)
-        rec = Recorder(list(model.parameters()), group, keep_tensors, fake if fake.cache_enabled else None)
         with rec:  # one step unrecorded (phase None) first, so that AdamW's moments exist, as in every later step
             if full_warm_up:
                 train.train_step(model, opt, reducer, scaler, clip_params, 1, cfg, dist,
@@ -568,7 +589,8 @@ def project(preset, overrides=None, gpu="H100", tp=1, dp=1, accum=None, ops_out=
     return dict(preset=preset, gpu=gpu if isinstance(gpu, str) else spec.get("name", "custom"), tp=tp, dp=dp,
                 gpus=tp * dp, dtype=cfg.dtype, micro_batch=cfg.micro_batch, seq_len=cfg.seq_len,
                 recompute=cfg.recompute, zero1=cfg.zero1, sequence_parallel=cfg.sp, compile=cfg.compile,
-                micro_batches=accum, recorded_micro_batches=1 if derived else recorded, micro_batch_s=micro_s, step_s=step_s,
+                micro_batches=accum, recorded_micro_batches=1 if derived else recorded, micro_batch_s=micro_s,
+                step_s=step_s,
                 tokens_per_s=tokens * dp / step_s, mfu=mfu, step_flops_per_rank=flops,
                 model_flops_per_rank=flops_per_token(cfg) * tokens / tp,
                 seconds_by_category={c: cats[c] for c in CATEGORIES},

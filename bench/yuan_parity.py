@@ -142,7 +142,8 @@ def main():
         f.write(RUNNER)
     print(f"speed, whole process, best of {args.repeat}: reference `python {runner} REFERENCE VOCAB < FILE`, ours "
           f"`python data.py encode --tokenizer yuan:VOCAB < FILE`")
-    print(f"  {'kind':<8} {'MB':>5} {'reference s':>11} {'ours s':>7} {'ref MB/s':>8} {'ours MB/s':>9} {'ours / ref':>10}")
+    print(f"  {'kind':<8} {'MB':>5} {'reference s':>11} {'ours s':>7} {'ref MB/s':>8} {'ours MB/s':>9} "
+          f"{'ours / ref':>10}")
     worst = None
     for kind in KINDS:
         path = f"{args.text}.{kind}"
