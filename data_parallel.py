@@ -60,6 +60,15 @@ class Bucket:
 
 
 @torch.no_grad()
+def flatten(tensors, multiple=1):
+    """(flat, views): one new fp32 buffer holding the tensors one after the other, padded with zeros to a multiple
+    of `multiple`, and a view of it in each one's shape. One copy (a cat) for the lot."""
+    n = sum(t.numel() for t in tensors)
+    pad = torch.zeros(-(-n // multiple) * multiple - n, device=tensors[0].device)
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors] + [pad])
+    return flat, [c.view_as(t) for t, c in zip(tensors, flat[:n].split([t.numel() for t in tensors]))]
+
+
 def home_main_grads(b, multiple=1):
     """Under master weights: one flat fp32 buffer (padded to a multiple of `multiple`) for bucket b's gradients,
     each parameter's main_grad a view of it, so that the bucket's collective reads and writes the gradients where
@@ -68,13 +77,9 @@ def home_main_grads(b, multiple=1):
     no main_grad) b.grads stays None."""
     if not all(hasattr(p, "main_grad") for p in b.params):
         return
-    n = sum(p.numel() for p in b.params)
-    b.grads = torch.zeros(-(-n // multiple) * multiple, device=b.params[0].device)
-    o = 0
-    for p in b.params:
-        b.grads[o:o + p.numel()].copy_(p.main_grad.reshape(-1))
-        p.main_grad = b.grads[o:o + p.numel()].view_as(p)
-        o += p.numel()
+    b.grads, views = flatten([p.main_grad for p in b.params], multiple)
+    for p, view in zip(b.params, views):
+        p.main_grad = view
 
 
 class Buckets:
@@ -206,18 +211,16 @@ class ZeroAdamW:
         """Bucket b's flat buffer, holding its parameters (which become views of it), and this rank's slice of it,
         a Parameter."""
         D, d = self.dist.dp, self.dist.dp_rank
-        n = sum(p.numel() for p in b.params)
-        flat = torch.zeros(-(-n // D) * D, device=b.params[0].device)  # padded: dp equal slices
-        offsets, o = [], 0
-        for p in b.params:
-            master = getattr(p, "master", None)  # under master weights the fp32 copy lives in the buffer
-            flat[o:o + p.numel()].copy_((p if master is None else master).detach().reshape(-1))
-            if master is None:
-                p.data = flat[o:o + p.numel()].view_as(p)  # the parameter now lives in the flat buffer
+        masters = [getattr(p, "master", None) for p in b.params]  # under master weights the fp32 copy is packed
+        flat, views = flatten([p if m is None else m for p, m in zip(b.params, masters)], D)  # padded: dp equal slices
+        offsets = [0]
+        for p, m, view in zip(b.params, masters, views):
+            if m is None:
+                p.data = view  # the parameter now lives in the flat buffer
             else:
-                p.master = flat[o:o + p.numel()].view_as(p)
-            offsets.append(o)
-            o += p.numel()
+                p.master = view
+            offsets.append(offsets[-1] + p.numel())
+        offsets.pop()
         size = flat.numel() // D
         shard = nn.Parameter(flat[d * size:(d + 1) * size])  # a view: updating it updates the buffer
         shard.tp_sharded, shard.dp_sharded = tp_kind, True
