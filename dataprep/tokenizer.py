@@ -327,7 +327,8 @@ NEAR_JOINER = re.compile("[a-zA-Z0-9+#&%][._\\-]|[._\\-][a-zA-Z0-9+#&%]")
 # by jieba without its dictionary: each run of block characters [a-zA-Z0-9+#&._%-] into finalseg's pieces, every
 # other character alone, "\r\n" whole. One pattern does all three, without loading a dictionary (English lines).
 NEEDS_A_DICTIONARY = re.compile("[\u4E00-\u9FD5]|AT&T|[cC]#|[cC]\\+\\+")
-NO_DICTIONARY = re.compile("[a-zA-Z0-9]+(?:\\.\\d+)?%?|[+#&._%\\-]+|\r\n|.", re.S)
+# ([0-9], not finalseg's \d: that runs inside one block, where every digit is ASCII; here \d would take "٣" or "１")
+NO_DICTIONARY = re.compile("[a-zA-Z0-9]+(?:\\.[0-9]+)?%?|[+#&._%\\-]+|\r\n|.", re.S)
 
 
 def _jieba_cut():

@@ -46,7 +46,7 @@ def test_yuan_fast_path_cuts_as_jieba(yuan):
 CUT_CASES = ["a.b", "B-H100", "3.5AT0", "COVIDxBa.b_危气似", "时a.b可得乎", "19_C_", "3.14%", "1.2.3", "a_b-c.d",
              "--", "x+-y", "AT&T", "c++与C#", "用c#写", "T恤A股B超卡拉OK", "hello world\r\nagain", "\t 中 \u3000文",
              "𠀀字䮱字\uf900a.b𨡓", "\u9fd6\u9fffx-1", "example.com网站", "数据集2022年12月发布COVID-19疫情iPhone手机",
-             "E.g. assert_never() --> sorted(c), v1.2 / 3.0-rc1", "😀ア한é", ""]
+             "E.g. assert_never() --> sorted(c), v1.2 / 3.0-rc1", "😀ア한é", "3.٣ a.５b x 3.५%", ""]
 
 
 def test_yuan_cuts_words_as_jieba():
@@ -60,7 +60,7 @@ def test_yuan_cuts_words_as_jieba():
     chinese = "话说天下大势分久必合合久必分周末七国分争并入于秦及秦灭之后楚汉分争又并入于汉玄德曰吾乃中山靖王之后"
     parts = ["a.b", "-", "_", ".", "+", "#", "&", "%", "3.5", "C++", "c#", "AT&T", "iPhone", "2022", "H100", "k8s",
              "x", "..", "-1", "T恤", "A股", "卡拉OK", " ", "，", "。", "\t", "\n", "\r\n", "😀", "\u3400", "\U00020000",
-             "\uf900", "\u9fd6", "ア", "é"]
+             "\uf900", "\u9fd6", "ア", "é", "٣", "５", "\x0b", "\x85"]
     texts = CUT_CASES + ["".join(rng.choice(parts) if rng.random() < 0.6 else chinese[rng.randrange(40):][:5]
                                  for _ in range(rng.randint(1, 10))) for _ in range(3000)]
     assert [cut(t) for t in texts] == [jieba.lcut(t) for t in texts]
