@@ -342,16 +342,24 @@ def _jieba_cut():
                         "HINT: .venv/bin/pip install jieba==0.42.1 rjieba  (rjieba is optional: it is faster)")
     loaded = {}
 
+    def jieba_cut(text):
+        if "jieba" not in loaded:
+            import jieba
+            jieba.setLogLevel(60)  # no "Building prefix dict ..." on stderr
+            loaded["jieba"] = jieba.lcut
+        return loaded["jieba"](text)
+
     def dictionary_cut(text):
-        if not loaded:
+        if "rjieba" not in loaded:
             try:
                 from rjieba import cut
             except ImportError:  # jieba itself, everywhere
-                import jieba
-                jieba.setLogLevel(60)  # no "Building prefix dict ..." on stderr
-                cut = jieba.lcut
-            loaded["cut"] = cut
-        words = loaded["cut"](text)
+                cut = jieba_cut
+            loaded["rjieba"] = cut
+        try:
+            words = loaded["rjieba"](text)
+        except UnicodeEncodeError:  # a lone surrogate (a .jsonl's "\ud800"): rjieba takes UTF-8 only, jieba any str
+            return jieba_cut(text)
         if NEAR_JOINER.search(text):  # else no word of the text can be one to cut again
             joined = [i for i, w in enumerate(words) if len(w) > 1 and JOINED.match(w)]
             for i in reversed(joined):  # (2) above

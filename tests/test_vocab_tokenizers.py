@@ -46,7 +46,7 @@ def test_yuan_fast_path_cuts_as_jieba(yuan):
 CUT_CASES = ["a.b", "B-H100", "3.5AT0", "COVIDxBa.b_危气似", "时a.b可得乎", "19_C_", "3.14%", "1.2.3", "a_b-c.d",
              "--", "x+-y", "AT&T", "c++与C#", "用c#写", "T恤A股B超卡拉OK", "hello world\r\nagain", "\t 中 \u3000文",
              "𠀀字䮱字\uf900a.b𨡓", "\u9fd6\u9fffx-1", "example.com网站", "数据集2022年12月发布COVID-19疫情iPhone手机",
-             "E.g. assert_never() --> sorted(c), v1.2 / 3.0-rc1", "😀ア한é", "3.٣ a.５b x 3.५%", ""]
+             "E.g. assert_never() --> sorted(c), v1.2 / 3.0-rc1", "😀ア한é", "3.٣ a.５b x 3.५%", "中\ud800文", ""]
 
 
 def test_yuan_cuts_words_as_jieba():
