@@ -213,6 +213,8 @@ def project_all(jobs):
     """projected_mfu of each job (its arguments), in as many processes as this machine gives us cores: each
     projection runs the training step under fake tensors, 2-3 s of one core, and they share nothing but what the
     first one loads."""
+    if not jobs:
+        return []
     workers = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     print(f"projecting the {len(jobs)} layouts that fit, {workers} at a time ...", file=sys.stderr, flush=True)
     if workers <= 1:
