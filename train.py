@@ -13,9 +13,9 @@ import os
 import sys
 import time
 
-from runtime.errors import quiet_interrupt, require
+from runtime.errors import require, stop_during_start_up
 
-quiet_interrupt()  # Ctrl-C while torch imports: one line, not a traceback per rank
+stop_during_start_up()  # SIGTERM, SIGUSR1, Ctrl-C while torch imports: exit 75, one line
 require("torch")  # a clear hint when run outside .venv
 import torch
 

@@ -30,18 +30,32 @@ def require(*modules):
                  f".venv/bin/python {os.path.basename(sys.argv[0])} ...")
 
 
-def quiet_interrupt():
-    """Ctrl-C before a run has anything to save (importing torch, MPI and process-group start-up, opening the data,
-    loading a checkpoint) ends this process at once with 130 (128 + SIGINT) and one line from rank 0, instead of a
-    KeyboardInterrupt traceback from every rank, or a crash in an interrupted import's clean-up that mpiexec reports
-    as a segmentation fault. runtime/stopping.py takes SIGINT over once the loop can checkpoint."""
+def launcher_rank():
+    """This process's rank as its launcher numbered it (hydra's and Slurm's PMI, Open MPI, srun), read from the
+    environment: known before MPI starts, and when MPI cannot start at all."""
+    import os
+    return int(next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+                     if os.environ.get(k, "").isdigit()), "0"))
+
+
+START_UP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # runtime/stopping.py's SIGNALS, named without importing signal
+
+
+def stop_during_start_up():
+    """A stop signal before a run has anything to save (importing torch, MPI and process-group start-up, opening the
+    data, loading a checkpoint) ends this process at once with EXIT_REQUEUE, like one in the loop: a batch script
+    that requeues on 75 (docs/slurm.md) then runs the job again; nothing was trained, so nothing is lost. SIGTERM is
+    Slurm's at the time limit and scancel's, SIGUSR1 its `--signal=USR1@N` warning (whose default action kills the
+    process, and the job with it), SIGINT Ctrl-C. One line from rank 0, instead of a KeyboardInterrupt traceback
+    from every rank, or a crash in an interrupted import's clean-up that mpiexec reports as a segmentation fault.
+    runtime/stopping.py takes the signals over once the loop can checkpoint."""
     import os
     import signal
 
     def handler(signum, frame):
-        rank = next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID") if k in os.environ),
-                    "0")
-        if rank == "0":
-            os.write(2, b"interrupted during start-up, before the first step: nothing to save, nothing lost\n")
-        os._exit(130)
-    signal.signal(signal.SIGINT, handler)
+        if launcher_rank() == 0:
+            os.write(2, f"{signal.Signals(signum).name} during start-up, before the first step: nothing to save, "
+                        f"nothing lost; exit {EXIT_REQUEUE}: run the same command again (with --resume)\n".encode())
+        os._exit(EXIT_REQUEUE)
+    for name in START_UP_SIGNALS:
+        signal.signal(getattr(signal, name), handler)

@@ -1,29 +1,100 @@
 """MPI without torch: the world when there is one (mpi_world), and how every command ends (run_or_abort): a clean
 message, every rank leaving together or, on an error, the whole job aborted. data.py and dataprep/prepare.py use it
 without paying torch's import; distributed.py starts torch.distributed on top of it."""
+import os
 import sys
 import time
 import traceback
 
-from runtime.errors import EXIT_REQUEUE, Requeue, UserError
+from runtime.errors import EXIT_REQUEUE, Requeue, UserError, launcher_rank
+
+
+# What a launcher tells the processes it starts about how many it started, most specific first: an MPI launcher's
+# word counts over Slurm's, since `mpiexec` inside an sbatch allocation starts its ranks from one Slurm task
+# (SLURM_STEP_NUM_TASKS=1 while PMI_SIZE=N). Only srun steps set SLURM_STEP_NUM_TASKS (not the batch script).
+LAUNCHED = (("PMI_SIZE", "the launcher"), ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
+            ("SLURM_STEP_NUM_TASKS", "srun"))
+FOREIGN = "HINT: launch with the MPI that mpi4py was built with: .venv/bin/mpiexec -n N (MPICH, what `make` installs), " \
+          "srun --mpi=pmi2 under Slurm (docs/slurm.md); or rebuild mpi4py against the cluster's MPI (README, \"The " \
+          "launcher is the venv's\")."
+_refused = False
+# What gloo and NCCL say when a peer's process is gone (killed, out of memory, its node down)
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")  # this process's launch was refused: MPI is not to be started (again) by anyone
+
+
+def _name(library):
+    """'MPICH 5.0.2' of 'MPICH Version:      5.0.2\\n...', 'Open MPI v5.0.11' of 'Open MPI v5.0.11, package: ...'."""
+    return " ".join(library.splitlines()[0].split(",")[0].replace("Version:", "").split())
+
+
+def launch_refusal(library, world, env):
+    """The message for a launch that went wrong, or None. library: MPI.Get_library_version() (read before MPI starts);
+    world: COMM_WORLD's size, or None before MPI starts. Two mistakes: a launcher of another MPI (MPICH's MPI_Init
+    aborts under Open MPI's mpirun, and the reverse, with a message that names neither), and a launcher that started
+    N processes which each see a world of 1 (srun without --mpi=pmi2, where Slurm's MpiDefault is none): N
+    independent trainings into the same --out."""
+    open_mpi = "Open MPI" in library
+    if world is None:
+        pmix = "OMPI_COMM_WORLD_SIZE" in env or "PMIX_RANK" in env  # Open MPI's mpirun, srun --mpi=pmix
+        if not open_mpi and pmix and "pmix" not in library.lower():  # an MPICH built without PMIx (PyPI's)
+            who, n = "Open MPI's mpirun (or srun --mpi=pmix)", env.get("OMPI_COMM_WORLD_SIZE", "N")
+        elif open_mpi and not pmix and ("PMI_FD" in env or "PMI_SIZE" in env):
+            who, n = "a PMI-1/PMI-2 launcher (MPICH's mpiexec, srun --mpi=pmi2)", env.get("PMI_SIZE", "N")
+        else:
+            return None
+        return (f"{who} started this process, one of {n}, but mpi4py is built against {_name(library)}, "
+                f"which cannot join that launcher's job (its MPI_Init would abort).\n{FOREIGN}")
+    for var, who in LAUNCHED:
+        if env.get(var, "").isdigit():
+            n = int(env[var])
+            if n == world:
+                return None
+            alone = " each: every process would train alone, a separate run into the same --out" if world == 1 else ""
+            hint = ("HINT: srun --mpi=pmi2 (the PMI that the venv's MPICH speaks; where Slurm's MpiDefault is none, "
+                    "a plain srun starts processes that never meet), or .venv/bin/mpiexec inside the sbatch "
+                    "allocation (docs/slurm.md)." if var == "SLURM_STEP_NUM_TASKS" else FOREIGN)
+            return f"{who} started {n} processes ({var}={n}), but MPI sees a world of {world}{alone}.\n{hint}"
+    return None
 
 
 def mpi_world():
     """mpi4py's COMM_WORLD, or None when there is no MPI (a plain `python train.py` is a world of one, even where
-    libmpi is missing or broken)."""
+    libmpi is missing or broken). The first call starts MPI, after checking the launch (launch_refusal): on a launch
+    that went wrong, the launcher's rank 0 raises a UserError that says what happened, and every other process
+    exits 1 without a word."""
+    global _refused
+    if _refused:
+        return None, None
     try:
+        import mpi4py
+        mpi4py.rc.initialize, mpi4py.rc.finalize = False, True  # started below, after the launch is checked
         from mpi4py import MPI
-        return MPI, MPI.COMM_WORLD
     except Exception:  # ImportError, or RuntimeError from a missing libmpi
         return None, None
+    started = MPI.Is_initialized()
+    if not started:
+        refusal = launch_refusal(MPI.Get_library_version(), None, os.environ)
+        if refusal is None:
+            try:
+                MPI.Init_thread(MPI.THREAD_MULTIPLE)  # mpi4py's own default
+            except Exception:  # a broken libmpi: a world of one, as before
+                return None, None
+            refusal = launch_refusal("", MPI.COMM_WORLD.Get_size(), os.environ)
+        if refusal is not None:
+            _refused = True
+            if launcher_rank() == 0:
+                raise UserError(refusal)
+            sys.exit(1)
+    return MPI, MPI.COMM_WORLD
 
 
-def wait_for_every_rank(flag=True, note="", note_every_s=300.0):
+def wait_for_every_rank(flag=True, note="", note_every_s=300.0, give_up=None):
     """Whether flag holds on every rank, waited for over MPI rather than through a torch collective: every rank
     calls it. For waits of unknown length (a checkpoint written to a slow file system, one read and resharded), which
     a torch collective would race: gloo's deadline and NCCL's watchdog (--collective_timeout_s) end a collective
     that waits longer, and the job with it. Polled, so a waiting rank uses no CPU; rank 0 prints `note` with the
-    time waited every note_every_s seconds. A world of one, or no MPI: flag."""
+    time waited every note_every_s seconds. give_up(): polled while waiting; once it holds (and the wait has not
+    ended), None is returned at once. A world of one, or no MPI: flag."""
     MPI, comm = mpi_world()
     if comm is None or comm.Get_size() == 1:
         return flag
@@ -32,6 +103,8 @@ def wait_for_every_rank(flag=True, note="", note_every_s=300.0):
     mine, every = np.array([int(flag)], dtype=np.int32), np.zeros(1, dtype=np.int32)
     request, start, told = comm.Iallreduce(mine, every, op=MPI.MIN), time.time(), 0
     while not request.Test():
+        if give_up is not None and give_up() and not request.Test():
+            return None
         time.sleep(0.01)
         waited = time.time() - start
         if note and comm.Get_rank() == 0 and waited > (told + 1) * note_every_s:
@@ -40,8 +113,8 @@ def wait_for_every_rank(flag=True, note="", note_every_s=300.0):
     return bool(every[0])
 
 
-def report_missing(MPI, comm, wait_s=10.0):
-    """After a collective timed out: every rank that can still run tells rank 0 so over MPI (not through the
+def report_missing(MPI, comm, lost=False, wait_s=10.0):
+    """After a collective timed out (or, lost, broke: a peer's process ended): every rank that can still run tells rank 0 so over MPI (not through the
     collective that is stuck), and rank 0 names the ranks it did not hear from within wait_s: the ones to look at
     (stopped, swapping, on a wedged GPU or file system). Rank 0 then ends the job; if rank 0 is the stuck one, each
     other rank ends it after waiting."""
@@ -58,6 +131,12 @@ def report_missing(MPI, comm, wait_s=10.0):
         else:
             time.sleep(0.05)
     missing = sorted(set(range(world)) - heard)
+    if lost:
+        print(f"error: a rank's connection to another broke: its process ended. Rank(s) {missing or 'none'} did "
+              f"not answer: killed, out of memory, or their node failed.\nHINT: look at those ranks' hosts and "
+              f"logs; then run the same command with --resume: it continues from the last checkpoint.",
+              file=sys.stderr, flush=True)
+        return
     print(f"error: a collective timed out (--collective_timeout_s). Rank(s) {missing or 'none'} did not arrive: "
           f"{'stopped or hanging' if missing else 'every rank is alive, so one is far behind'}.\nHINT: look at "
           f"those ranks' hosts; if a long compile or a checkpoint on a slow file system is all it is, raise "
@@ -68,14 +147,15 @@ def run_or_abort(main):
     """Run main(). A UserError prints its message, anything else its traceback; then, if this is one rank of
     several, abort the whole MPI world so that no other rank waits forever in a collective: the job ends promptly
     with a non-zero exit. Requeue (every rank at once, after a checkpoint) leaves together with EXIT_REQUEUE."""
-    code = 0
+    code, said = 0, ""
     try:
         try:
             main()
         except Requeue as e:  # raised by every rank at the same step: they still leave together
-            print(e, file=sys.stderr, flush=True)
-            code = EXIT_REQUEUE
+            code, said = EXIT_REQUEUE, str(e)
         tdist = sys.modules.get("torch.distributed")  # never imported (data.py): nothing to leave
+        if code and (tdist is None or not tdist.is_initialized() or tdist.get_rank() == 0):
+            print(said, file=sys.stderr, flush=True)  # once: every rank has the same message
         if tdist is not None and tdist.is_initialized():  # leave together: a rank that exits early can break its
             tdist.barrier()  # peers' connections
             tdist.destroy_process_group()
@@ -83,19 +163,21 @@ def run_or_abort(main):
             sys.exit(code)
         return
     except UserError as e:
-        message, timed_out, shared = f"error: {e}", False, e.shared
+        message, timed_out, lost, shared = f"error: {e}", False, False, e.shared
     except Exception as e:
         timed_out = "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower()
+        lost = any(s in str(e) for s in PEER_GONE)
         # a timeout's traceback only says which wait gave up; report_missing below says what matters
-        message, shared = f"{type(e).__name__}: {e}" if timed_out else traceback.format_exc(), False
+        message = f"{type(e).__name__}: {str(e).splitlines()[0]}" if timed_out or lost else traceback.format_exc()
+        shared = False
     MPI, comm = mpi_world()
     several = comm is not None and comm.Get_size() > 1
     if shared and several and comm.Get_rank() != 0:
         time.sleep(2.0)  # rank 0 prints the message every rank has, and aborts the job
     else:
         print((f"rank {comm.Get_rank()}: " if several else "") + message, file=sys.stderr, flush=True)
-    if several and timed_out:
-        report_missing(MPI, comm)
+    if several and (timed_out or lost):
+        report_missing(MPI, comm, lost)
     if several:
         # Abort kills every rank and the launcher's forwarding of their output at once: a second's wait lets the
         # message above reach the user (seen lost once in ~100 runs when every rank failed together).

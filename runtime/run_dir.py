@@ -6,11 +6,14 @@ one. Its checkpoints are runtime/checkpoint.py's.
     OUT/metrics.jsonl              one JSON object per line (metrics.rewound.jsonl: rows a resume rewound)
     OUT/tensorboard/               TensorBoard event files (`tensorboard --logdir OUT`)
     OUT/config.json, tokenizer.*   a record of the run, and the tokenizer for sample.py
+    OUT/.lock                      held by the live run's rank 0: one run per output directory
 """
 import datetime
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -177,6 +180,40 @@ def announce(preset, cfg, dist, model, grad_accum):
         dist.print0("note: --sequence_parallel splits activations over the tp group; at tp 1 it changes nothing")
 
 
+_held = {}  # the lock files this process holds, by real path: open for as long as it lives
+
+
+def lock_out_dir(out):
+    """One run per output directory: rank 0 holds an exclusive flock on OUT/.lock for as long as its process lives.
+    The kernel lets go when the process ends, however it ends, so a killed run leaves no stale lock; a second run on
+    the same --out (a duplicate job, `srun --mpi=none`'s independent processes) is refused before it writes
+    anything, instead of interleaving checkpoints, metrics.jsonl and TensorBoard events. A file system without
+    flock (a Lustre mount without -o flock) gets a warning and no lock."""
+    path = os.path.realpath(os.path.join(out, ".lock"))
+    if path in _held:
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not said which yet"
+        f.close()
+        raise UserError(f"{out} is in use by a run that is still live ({holder}); two runs in one --out would "
+                        f"interleave their checkpoints and metrics.\nHINT: wait for it to end (SIGTERM makes it "
+                        f"checkpoint and exit), or give this run another --out. Under Slurm: two jobs of one script, "
+                        f"or srun without --mpi=pmi2 (docs/slurm.md).") from None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP
+        f.close()
+        print(f"warning: cannot lock {path} ({e.strerror}): nothing stops a second run on {out}", file=sys.stderr)
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    f.flush()
+    _held[path] = f
+
+
 def prepare_out_dir(out, resume, overwrite, dist):
     """Refuse to start a fresh run over an earlier one unless told to (--resume or --overwrite)."""
     if resume and overwrite:
@@ -184,6 +221,7 @@ def prepare_out_dir(out, resume, overwrite, dist):
     os.makedirs(out, exist_ok=True)
     if dist.rank != 0:  # rank 0 decides; if it refuses, run_or_abort ends every rank
         return
+    lock_out_dir(out)  # before anything in --out is read, deleted or written
     names = sorted(os.listdir(out))
     old = [n for n in names if CKPT_RE.match(n) or n.startswith("metrics.") and n.endswith(".jsonl")]
     if old and not resume:

@@ -33,7 +33,8 @@ import time
 import torch
 import torch.distributed as tdist
 
-from runtime.errors import Requeue, UserError
+from runtime.errors import EXIT_REQUEUE, Requeue, UserError
+from runtime.mpi import wait_for_every_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # checkpoint, then exit 75
 NOW = signal.SIGQUIT  # Ctrl-\: exit at once, without a checkpoint (its default, a core dump, can fill a disk)
@@ -60,6 +61,13 @@ class Stopping:
         signal.set_wakeup_fd(write)
         threading.Thread(target=self._listen, args=(read,), daemon=True, name="signals").start()
         atexit.register(self._at_exit)
+        # A signal that finds another rank still starting up ends that rank with 75 (runtime/errors.py), and this one
+        # would wait for it in the first step's collectives until --collective_timeout_s. So the ranks meet here
+        # first, over MPI; a stop signal while waiting ends this rank with 75 too.
+        if dist.world > 1 and wait_for_every_rank(give_up=lambda: self.signal) is None:
+            self._say(f"{signal.Signals(self.signal).name} before every rank had started: nothing trained, nothing "
+                      f"lost; exit {EXIT_REQUEUE}")
+            os._exit(EXIT_REQUEUE)
 
     def _listen(self, read):
         while True:

@@ -97,7 +97,7 @@ def test_train_metrics_checkpoint_and_sample(prepared, tmp_path):
         assert isinstance(r["loss"], float) and r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
         assert r["tokens"] == r["step"] * 256 and r["mfu"] is None  # no known peak on a CPU
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
-    assert sorted(os.listdir(out)) == ["ckpt_0000008.pt", "ckpt_0000010.pt", "config.json", "metrics.jsonl",
+    assert sorted(os.listdir(out)) == [".lock", "ckpt_0000008.pt", "ckpt_0000010.pt", "config.json", "metrics.jsonl",
                                        "tensorboard", "tokenizer.json", "tokenizer.tiktoken"]
     ckpt = torch.load(out / "ckpt_0000010.pt", weights_only=True)
     assert ckpt["step"] == 10 and ckpt["data_position"] == {"seed": 1234, "next_step": 11}
