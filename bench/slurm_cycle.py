@@ -7,7 +7,7 @@ docs/slurm.sbatch as written, at toy size on the CPU, with a one-minute time lim
    it checkpoints, exits 75 and requeues itself; the requeued run resumes. Measured: the time from the signal's
    line in the log to the checkpoint file on disk, and the steps lost (the last step trained before the stop minus
    the step the requeued run resumed from: the goal is 0).
-2. The time limit alone (the warning moved out of reach with --signal=USR1@1 on sbatch's command line): Slurm
+2. The time limit alone (the script without its --signal line, as a team that left it out would run it): Slurm
    sends SIGTERM to every task, then SIGKILL KillWait (30 s) later. Measured: SIGTERM to the checkpoint on disk,
    the steps lost, and the job's end state (TIMEOUT: Slurm does not requeue it; submitting again resumes).
 Prints one line per figure, for bench/RESULTS.md."""
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,11 +47,10 @@ def watch(log, pattern, timeout):
     raise SystemExit(f"{pattern!r} did not appear in {log} within {timeout} s")
 
 
-def cycle(cluster, data, tmp, name, extra):
+def cycle(cluster, data, tmp, name, script):
     out, log = os.path.join(tmp, name), os.path.join(tmp, name + ".log")
-    job = cluster.sbatch("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=1", *extra, "--chdir",
-                         ROOT, "--output", log, os.path.join(ROOT, "docs", "slurm.sbatch"), *TOY, "--data", data,
-                         "--out", out)
+    job = cluster.sbatch("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=1", "--chdir", ROOT,
+                         "--output", log, script, *TOY, "--data", data, "--out", out)
     seen, m = watch(log, r"rank 0: (SIGUSR1|SIGTERM): finishing this step", 200)
     _, stop = watch(log, r"stopped at step (\d+) \(signal (\w+)\)", 120)
     step = int(stop[1])
@@ -76,15 +74,21 @@ def main():
     tmp = tempfile.mkdtemp(prefix="slurm_cycle_")
     cluster = slurm.Slurm(os.path.join(tmp, "slurm"))
     try:
-        print(f"Slurm {subprocess.run(['sinfo', '-V'], capture_output=True, text=True).stdout.strip()}, KillWait "
+        print(f"{cluster.run('sinfo', '-V').stdout.strip()}, KillWait "
               f"{cluster.run('scontrol', 'show', 'config').stdout.split('KillWait')[1].split()[1]}")
-        job, out, log, step, trained = cycle(cluster, data, tmp, "signal", [])
+        script = os.path.join(ROOT, "docs", "slurm.sbatch")
+        job, out, log, step, trained = cycle(cluster, data, tmp, "signal", script)
         cluster.wait(job, lambda f: int(f["Restarts"]) >= 1, timeout=60)
         _, resumed = watch(log, r"resumed from \S+ at step (\d+)", 120)
         print(f"signal: requeued (Restarts 1), resumed at step {resumed[1]}: steps lost {trained - int(resumed[1])}")
         cluster.run("scancel", job)
         cluster.wait(job, lambda f: f["JobState"] not in ("RUNNING", "COMPLETING", "PENDING"), timeout=120)
-        job, out, log, step, trained = cycle(cluster, data, tmp, "time-limit", ["--signal=USR1@1"])
+        with open(script) as f:
+            lines = [line for line in f if not line.startswith("#SBATCH --signal")]
+        script = os.path.join(tmp, "no-signal.sbatch")
+        with open(script, "w") as f:
+            f.writelines(lines)
+        job, out, log, step, trained = cycle(cluster, data, tmp, "time-limit", script)
         fields = cluster.wait(job, lambda f: f["JobState"] not in ("RUNNING", "COMPLETING"), timeout=120)
         print(f"time-limit: job {fields['JobState']}, exit {fields['ExitCode']}; checkpoint at step {step}, last "
               f"step trained {trained}: steps lost {trained - step}")
