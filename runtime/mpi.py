@@ -17,9 +17,10 @@ LAUNCHED = (("PMI_SIZE", "the launcher"), ("OMPI_COMM_WORLD_SIZE", "Open MPI's m
 FOREIGN = "HINT: launch with the MPI that mpi4py was built with: .venv/bin/mpiexec -n N (MPICH, what `make` installs), " \
           "srun --mpi=pmi2 under Slurm (docs/slurm.md); or rebuild mpi4py against the cluster's MPI (README, \"The " \
           "launcher is the venv's\")."
-_refused = False
+CHECK = "NANOYUAN_LAUNCH_CHECK"  # =off: no launch check (N independent runs on purpose, each with its own --out)
 # What gloo and NCCL say when a peer's process is gone (killed, out of memory, its node down)
-PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")  # this process's launch was refused: MPI is not to be started (again) by anyone
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "remote process exited")
+_refused = False  # this process's launch was refused: MPI is not to be started (again) by anyone
 
 
 def _name(library):
@@ -30,21 +31,28 @@ def _name(library):
 def launch_refusal(library, world, env):
     """The message for a launch that went wrong, or None. library: MPI.Get_library_version() (read before MPI starts);
     world: COMM_WORLD's size, or None before MPI starts. Two mistakes: a launcher of another MPI (MPICH's MPI_Init
-    aborts under Open MPI's mpirun, and the reverse, with a message that names neither), and a launcher that started
-    N processes which each see a world of 1 (srun without --mpi=pmi2, where Slurm's MpiDefault is none): N
-    independent trainings into the same --out."""
-    open_mpi = "Open MPI" in library
+    aborts under Open MPI's mpirun, and Open MPI 5's under a PMI-1/2 launcher, with a message that names neither),
+    and a launcher that started N processes which each see a world of 1 (srun without --mpi=pmi2, where Slurm's
+    MpiDefault is none): N independent trainings into the same --out. Only what is known to fail is refused: MPICH
+    itself (not Intel MPI or MVAPICH) built without PMIx, Open MPI 5 and later; the innermost launcher's variables
+    count (MPICH's mpiexec inside a PMIx step sets PMI_FD, and PMIX_RANK is left over from outside)."""
+    if env.get(CHECK, "").lower() in ("off", "0", "false", "no"):
+        return None
+    open_mpi, mpich = library.startswith("Open MPI"), library.startswith("MPICH")
+    pmi = any(k in env for k in ("PMI_FD", "PMI_PORT", "PMI_RANK"))  # MPICH's mpiexec, srun --mpi=pmi2
+    pmix = "OMPI_COMM_WORLD_SIZE" in env or "PMIX_RANK" in env  # Open MPI's mpirun, srun --mpi=pmix
     if world is None:
-        pmix = "OMPI_COMM_WORLD_SIZE" in env or "PMIX_RANK" in env  # Open MPI's mpirun, srun --mpi=pmix
-        if not open_mpi and pmix and "pmix" not in library.lower():  # an MPICH built without PMIx (PyPI's)
+        if mpich and pmix and not pmi and "pmix" not in library.lower():  # PyPI's MPICH has no PMIx
             who, n = "Open MPI's mpirun (or srun --mpi=pmix)", env.get("OMPI_COMM_WORLD_SIZE", "N")
-        elif open_mpi and not pmix and ("PMI_FD" in env or "PMI_SIZE" in env):
+        elif open_mpi and not library.startswith(("Open MPI v1", "Open MPI v2", "Open MPI v3", "Open MPI v4")) \
+                and pmi and not pmix:  # Open MPI 5 starts only under PMIx
             who, n = "a PMI-1/PMI-2 launcher (MPICH's mpiexec, srun --mpi=pmi2)", env.get("PMI_SIZE", "N")
         else:
             return None
         return (f"{who} started this process, one of {n}, but mpi4py is built against {_name(library)}, "
                 f"which cannot join that launcher's job (its MPI_Init would abort).\n{FOREIGN}")
-    for var, who in LAUNCHED:
+    order = (LAUNCHED[1], LAUNCHED[0], LAUNCHED[2]) if open_mpi else LAUNCHED  # the library's own launcher first
+    for var, who in order:
         if env.get(var, "").isdigit():
             n = int(env[var])
             if n == world:
@@ -52,7 +60,8 @@ def launch_refusal(library, world, env):
             alone = " each: every process would train alone, a separate run into the same --out" if world == 1 else ""
             hint = ("HINT: srun --mpi=pmi2 (the PMI that the venv's MPICH speaks; where Slurm's MpiDefault is none, "
                     "a plain srun starts processes that never meet), or .venv/bin/mpiexec inside the sbatch "
-                    "allocation (docs/slurm.md)." if var == "SLURM_STEP_NUM_TASKS" else FOREIGN)
+                    f"allocation (docs/slurm.md). Independent runs on purpose, each with its own --out: {CHECK}=off."
+                    if var == "SLURM_STEP_NUM_TASKS" else FOREIGN)
             return f"{who} started {n} processes ({var}={n}), but MPI sees a world of {world}{alone}.\n{hint}"
     return None
 
@@ -84,6 +93,7 @@ def mpi_world():
             _refused = True
             if launcher_rank() == 0:
                 raise UserError(refusal)
+            time.sleep(2.0)  # a launcher ends the job when a process exits 1: let rank 0 say why first
             sys.exit(1)
     return MPI, MPI.COMM_WORLD
 
@@ -168,9 +178,13 @@ def run_or_abort(main):
         timed_out = "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower()
         lost = any(s in str(e) for s in PEER_GONE)
         # a timeout's traceback only says which wait gave up; report_missing below says what matters
-        message = f"{type(e).__name__}: {str(e).splitlines()[0]}" if timed_out or lost else traceback.format_exc()
+        first = (str(e).splitlines() or [""])[0]
+        message = f"{type(e).__name__}: {first}" if timed_out or lost else traceback.format_exc()
         shared = False
-    MPI, comm = mpi_world()
+    try:  # an error before MPI started: start it now, so that one rank prints a shared error and all leave together
+        MPI, comm = mpi_world()
+    except (UserError, SystemExit):  # ... unless the launch itself is wrong (said by rank 0): the error above stands
+        MPI, comm = None, None
     several = comm is not None and comm.Get_size() > 1
     if shared and several and comm.Get_rank() != 0:
         time.sleep(2.0)  # rank 0 prints the message every rank has, and aborts the job

@@ -221,7 +221,7 @@ def prepare_out_dir(out, resume, overwrite, dist):
     os.makedirs(out, exist_ok=True)
     if dist.rank != 0:  # rank 0 decides; if it refuses, run_or_abort ends every rank
         return
-    lock_out_dir(out)  # before anything in --out is read, deleted or written
+    lock_out_dir(out)  # before anything in --out is deleted or written
     names = sorted(os.listdir(out))
     old = [n for n in names if CKPT_RE.match(n) or n.startswith("metrics.") and n.endswith(".jsonl")]
     if old and not resume:

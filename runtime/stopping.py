@@ -63,8 +63,10 @@ class Stopping:
         atexit.register(self._at_exit)
         # A signal that finds another rank still starting up ends that rank with 75 (runtime/errors.py), and this one
         # would wait for it in the first step's collectives until --collective_timeout_s. So the ranks meet here
-        # first, over MPI; a stop signal while waiting ends this rank with 75 too.
-        if dist.world > 1 and wait_for_every_rank(give_up=lambda: self.signal) is None:
+        # first, over MPI. A stop signal while waiting: if every rank still arrives within --signal_grace_s, the
+        # first step's requeue_reason stops them all together; if not, the others ended in start-up: exit 75 too.
+        late = lambda: self.signal and time.monotonic() - self.signal_at > cfg.signal_grace_s  # noqa: E731
+        if dist.world > 1 and wait_for_every_rank(give_up=late) is None:
             self._say(f"{signal.Signals(self.signal).name} before every rank had started: nothing trained, nothing "
                       f"lost; exit {EXIT_REQUEUE}")
             os._exit(EXIT_REQUEUE)

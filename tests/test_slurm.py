@@ -233,3 +233,21 @@ def test_a_dead_task_ends_the_job_and_resume_continues(cluster, prepared, tmp_pa
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and resumed_at(saved, proc.stdout), proc.stdout + proc.stderr
     assert rows(out)[-1][0] == saved + 2
+
+
+def test_the_launch_check_reads_the_innermost_launcher():
+    """launch_refusal's rules on the environments a cluster gives, without launching: only what is known to fail
+    is refused, and the innermost launcher's word counts."""
+    from runtime.mpi import launch_refusal
+    mpich, ompi5, ompi4 = "MPICH Version:      5.0.2\nMPICH configure: --with-pm=hydra", "Open MPI v5.0.11, x", \
+        "Open MPI v4.1.6, x"
+    hydra = {"PMI_FD": "5", "PMI_RANK": "1", "PMI_SIZE": "2"}
+    assert launch_refusal(mpich, None, {**hydra, "PMIX_RANK": "0"}) is None  # mpiexec in an salloc shell of a PMIx site
+    assert "Open MPI's mpirun" in launch_refusal(mpich, None, {"PMIX_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert launch_refusal("Intel(R) MPI Library 2021.10", None, {"PMIX_RANK": "1"}) is None  # may speak PMIx
+    assert launch_refusal(ompi4, None, hydra) is None and "PMI-1/PMI-2 launcher" in launch_refusal(ompi5, None, hydra)
+    assert launch_refusal(mpich, 2, {**hydra, "SLURM_STEP_NUM_TASKS": "1"}) is None  # mpiexec inside sbatch
+    assert launch_refusal(ompi5, 2, {"PMI_SIZE": "8", "OMPI_COMM_WORLD_SIZE": "2"}) is None  # a stale PMI_SIZE
+    assert "srun started 2 processes" in launch_refusal(mpich, 1, {"SLURM_STEP_NUM_TASKS": "2"})
+    assert launch_refusal(mpich, 1, {"SLURM_STEP_NUM_TASKS": "2", "NANOYUAN_LAUNCH_CHECK": "off"}) is None
+    assert launch_refusal(mpich, 1, {"SLURM_STEP_NUM_TASKS": "1"}) is None and launch_refusal(mpich, 1, {}) is None
