@@ -38,9 +38,6 @@ def launcher_rank():
                      if os.environ.get(k, "").isdigit()), "0"))
 
 
-START_UP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # runtime/stopping.py's SIGNALS, named without importing signal
-
-
 def stop_during_start_up():
     """A stop signal before a run has anything to save (importing torch, MPI and process-group start-up, opening the
     data, loading a checkpoint) ends this process at once with EXIT_REQUEUE, like one in the loop: a batch script
@@ -57,5 +54,5 @@ def stop_during_start_up():
             os.write(2, f"{signal.Signals(signum).name} during start-up, before the first step: nothing to save, "
                         f"nothing lost; exit {EXIT_REQUEUE}: run the same command again (with --resume)\n".encode())
         os._exit(EXIT_REQUEUE)
-    for name in START_UP_SIGNALS:
-        signal.signal(getattr(signal, name), handler)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # runtime/stopping.py's SIGNALS
+        signal.signal(sig, handler)

@@ -81,8 +81,7 @@ def mpi_world():
         from mpi4py import MPI
     except Exception:  # ImportError, or RuntimeError from a missing libmpi
         return None, None
-    started = MPI.Is_initialized()
-    if not started:
+    if not MPI.Is_initialized():
         refusal = launch_refusal(MPI.Get_library_version(), None, os.environ)
         if refusal is None:
             try:

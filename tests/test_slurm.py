@@ -13,9 +13,10 @@ import time
 import pytest
 
 import slurm
-from conftest import ROOT, SMALL, read_metrics
+from conftest import ROOT, SMALL
 from test_parallel import MPIEXEC, needs_mpiexec
 from test_multihost import OPENMPI
+from test_stopping import train_rows as rows  # (step, loss, grad_norm) of each training row in metrics.jsonl
 
 PY, TRAIN = sys.executable, os.path.join(ROOT, "train.py")
 pytestmark = needs_mpiexec
@@ -29,10 +30,6 @@ def cluster(tmp_path_factory):
     c = slurm.Slurm(str(tmp_path_factory.mktemp("slurm")))
     yield c
     c.stop()
-
-
-def rows(out):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
 
 
 def resumed_at(step, text):
