@@ -1,7 +1,6 @@
 """MPI without torch: the world when there is one (mpi_world), and how every command ends (run_or_abort): a clean
 message, every rank leaving together or, on an error, the whole job aborted. data.py and dataprep/prepare.py use it
 without paying torch's import; distributed.py starts torch.distributed on top of it."""
-import gc
 import os
 import sys
 import time
@@ -153,22 +152,6 @@ def report_missing(MPI, comm, lost=False, wait_s=10.0):
           f"--collective_timeout_s.", file=sys.stderr, flush=True)
 
 
-def leave(code):
-    """End a rank that ran torch.distributed without the interpreter's teardown, where process groups still held
-    (by a Dist, a model's layers, reference cycles) are freed after the interpreter is gone and gloo's worker
-    threads abort the process: "terminate called without an active exception", exit 6 (twice in three full test
-    runs on 2026-12-03, each in a different mpiexec test; pytorch issue 190489). Everything the run wrote is on
-    disk already (checkpoints, metrics.jsonl flushed row by row, the TensorBoard writer closed): free what can be
-    freed, finalize MPI while everything is alive, flush, and exit."""
-    gc.collect()
-    MPI = sys.modules.get("mpi4py.MPI")
-    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def run_or_abort(main):
     """Run main(). A UserError prints its message, anything else its traceback; then, if this is one rank of
     several, abort the whole MPI world so that no other rank waits forever in a collective: the job ends promptly
@@ -185,7 +168,6 @@ def run_or_abort(main):
         if tdist is not None and tdist.is_initialized():  # leave together: a rank that exits early can break its
             tdist.barrier()  # peers' connections
             tdist.destroy_process_group()
-            leave(code)
         if code:
             sys.exit(code)
         return
