@@ -81,8 +81,7 @@ class Slurm:
             time.sleep(0.2)
 
     def run(self, *cmd, check=True, timeout=120, **kwargs):
-        proc = subprocess.run([str(c) for c in cmd], env=self.env, capture_output=True, text=True, timeout=timeout,
-                              **kwargs)
+        proc = subprocess.run([str(c) for c in cmd], env=self.env, capture_output=True, text=True, timeout=timeout, **kwargs)
         if check and proc.returncode:
             raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc

@@ -179,8 +179,7 @@ def test_sbatch_script_requeues_and_resumes_exactly(cluster, prepared, tmp_path)
     args = [*SMALL, "--data", prepared, "--tp", 2, "--max_steps", 100000, "--eval_interval", 100000,
             "--ckpt_interval", 100000]
     script = ["--sequence_parallel", "true", "--zero1", "true"]  # the script's own, which the reference needs too
-    reference = subprocess.Popen([MPIEXEC, "-n", "2", PY, TRAIN, *map(str, args + script), "--out",
-                                  str(tmp_path / "ref")],
+    reference = subprocess.Popen([MPIEXEC, "-n", "2", PY, TRAIN, *map(str, args + script), "--out", str(tmp_path / "ref")],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         job = cluster.sbatch("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=1", "--chdir", ROOT,
@@ -217,8 +216,8 @@ def test_a_dead_task_ends_the_job_and_resume_continues(cluster, prepared, tmp_pa
     out = tmp_path / "run"
     cmd = ["srun", "-n", "2", "--mpi=pmi2", PY, TRAIN, *map(str, SMALL), "--data", prepared, "--tp", "2",
            "--ckpt_interval", "5", "--collective_timeout_s", "10", "--out", str(out)]
-    job_proc = subprocess.Popen([*cmd, "--max_steps", "100000"], cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    job_proc = subprocess.Popen([*cmd, "--max_steps", "100000"], cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not os.path.exists(out / "ckpt_0000010.tp1of2.pt"):
         time.sleep(0.1)
