@@ -33,6 +33,7 @@ Numerics: the residual stream, LayerNorm outputs and activations are bf16, as in
 logits, and every update happens in fp32. Checkpoints hold the fp32 master weights under the model's own names
 (fp32_state_dict), so they load into fp32 models (sample.py) and into older code alike.
 """
+import math
 import sys
 
 import torch
@@ -184,11 +185,15 @@ class LossScaler:
         self.enabled, self.growth_interval = enabled, growth_interval
         self.scale, self.good_steps = (scale if enabled else 1.0), 0
 
-    def unscale(self, params):
-        """Divide the gradients by the scale (fp16), before the training step clips them (data_parallel.py
-        clip_grad_norm): nanoGPT's scaler.unscale_, clip, step."""
+    def unscale_and_clip(self, params, max_norm, dist):
+        """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken).
+        The norm is the same on every rank, so every rank takes the same decision."""
+        from data_parallel import clip_grad_norm  # here, not at the top: data_parallel.py imports this file
+        grads = [grad_of(p) for p in params if grad_of(p) is not None]
         if self.scale != 1.0:
-            torch._foreach_mul_([grad_of(p) for p in params if grad_of(p) is not None], 1.0 / self.scale)
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+        norm = clip_grad_norm(params, max_norm, dist)
+        return norm, math.isfinite(norm)
 
     def update(self, finite):
         if not self.enabled:

@@ -20,14 +20,14 @@ require("torch")  # a clear hint when run outside .venv
 import torch
 
 from data import Batches
-from data_parallel import GradReducer, ZeroAdamW, adamw, clip_grad_norm
+from data_parallel import GradReducer, ZeroAdamW, adamw
 from distributed import init_distributed
 from runtime.errors import UserError
 from mixed_precision import LossScaler, MasterAdamW, use_master_weights
 from model import Yuan, flops_per_token, pad_vocab
-from runtime.config import fit_schedule, grad_accum, make_config, parse_args, save_record
+from runtime.config import fit_schedule, grad_accum, make_config, parse_args, plan_from_args, save_record
 from runtime.mpi import run_or_abort
-from tools.plan import peak_flops, plan_from_args
+from tools.plan import peak_flops
 from runtime.checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
 from runtime.run_dir import Console, Metrics, Score, announce, prepare_out_dir
 from runtime.stopping import Stopping
@@ -117,9 +117,7 @@ def train_step(model, opt, reducer, scaler, clip_params, grad_accum, cfg, dist, 
             reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete
         (loss * (scaler.scale / grad_accum)).backward()
     reducer.finish()
-    scaler.unscale(clip_params)  # fp16: the gradients back to their true size
-    grad_norm = clip_grad_norm(clip_params, cfg.grad_clip, dist)  # the same on every rank, so is the decision:
-    finite = math.isfinite(grad_norm)  # an fp16 overflow skips the step
+    grad_norm, finite = scaler.unscale_and_clip(clip_params, cfg.grad_clip, dist)
     if finite:
         opt.step()
     scaler.update(finite)

@@ -406,8 +406,7 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False, full_warm_up=Fal
         with ExitStack() as stack:
             stack.enter_context(patched(torch.Tensor, "backward", during(backward=True)))
             stack.enter_context(patched(reducer, "finish", then_step))
-            stack.enter_context(patched(scaler, "unscale", during(optimizer=True)))
-            stack.enter_context(patched(train, "clip_grad_norm", during(optimizer=True)))
+            stack.enter_context(patched(scaler, "unscale_and_clip", during(optimizer=True)))
             stack.enter_context(patched(opt, "step", during(optimizer=True)))
             stack.enter_context(rec)
             train.train_step(model, opt, reducer, scaler, clip_params, micro_batches, cfg, dist, batch)

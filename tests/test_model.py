@@ -129,14 +129,3 @@ def test_recompute_gives_the_same_gradients(dropout):
     for recompute in ("selective", "full"):
         other_loss, other = grads(recompute)
         assert other_loss == loss and all(torch.equal(other[n], ref[n]) for n in ref)
-
-
-def test_presets_split_into_networks_and_recipes():
-    """model.py MODELS holds each preset's network (ModelConfig fields only), runtime/config.py RECIPES its training
-    recipe (TrainConfig fields only), for the same presets (issue 30)."""
-    from dataclasses import fields
-    from model import MODELS, ModelConfig
-    from runtime.config import RECIPES, TrainConfig
-    assert list(MODELS) == list(RECIPES)
-    assert all(set(m) <= {f.name for f in fields(ModelConfig)} for m in MODELS.values())
-    assert all(set(r) <= {f.name for f in fields(TrainConfig)} for r in RECIPES.values())

@@ -61,7 +61,7 @@ def test_plan_cli_and_the_issue_goals(capsys, monkeypatch):
     proc = run("train.py", "--preset", "yuan-4.7b", "--tp", 8, "--plan", "--gpus", 8, "--gpu", "H100", "--mfu", 0.4)
     assert "593,820,672" in proc.stdout and "fits" in proc.stdout and "tokens/s" in proc.stdout
     assert "of 4,701,321,216 in the model" in proc.stdout
-    # The goals, in this process (the command line is the same function: tools/plan.plan_from_args -> plan).
+    # The goals, in this process (the command line is the same function: runtime/config.plan_from_args -> plan.plan).
     from tools.plan import plan
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import roofline

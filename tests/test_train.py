@@ -1,4 +1,3 @@
-import math
 import os
 import shutil
 import signal
@@ -14,7 +13,6 @@ from conftest import ROOT, SMALL, read_metrics, run
 from model import ModelConfig, UserError, Yuan
 from runtime.config import Config
 from distributed import Dist
-from data_parallel import clip_grad_norm
 from mixed_precision import LossScaler
 from runtime.config import parse_args
 from train import lr_at
@@ -43,18 +41,14 @@ def test_loss_scaler_skips_inf_and_recovers():
     backward()
     params[3].grad[0] = float("inf")  # an fp16 overflow somewhere in the backward
     before = [p.detach().clone() for p in params]
-    scaler.unscale(params)
-    norm = clip_grad_norm(params, 1.0, Dist())
-    finite = math.isfinite(norm)
+    norm, finite = scaler.unscale_and_clip(params, 1.0, Dist())
     assert not finite and not torch.isfinite(torch.tensor(norm))
     scaler.update(finite)
     opt.zero_grad()
     assert scaler.scale == 512.0 and all(p.equal(b) for p, b in zip(params, before))
     for expected_scale in (512.0, 1024.0):  # two clean steps -> the scale grows back (growth_interval=2)
         backward()
-        scaler.unscale(params)
-        norm = clip_grad_norm(params, 1.0, Dist())
-        finite = math.isfinite(norm)
+        norm, finite = scaler.unscale_and_clip(params, 1.0, Dist())
         assert finite and norm > 0
         opt.step()
         scaler.update(finite)

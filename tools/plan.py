@@ -336,16 +336,3 @@ def report(result, cfg, e, given):
                   f"largest excess over a published measurement: bench/RESULTS.md). Projected, not measured.")
     else:
         print(f"no peak FLOP/s known for {gpu} in {dtype}: pass --peak_tflops for the time estimate")
-
-
-def plan_from_args(opts, flags, overrides):
-    """--plan: memory and time per GPU from tools/plan.py; nothing is allocated and no data is read."""
-    try:
-        gpus, mem, mfu, tokens = (None if opts[k] is None else float(opts[k]) for k in ("gpus", "gpu_mem", "mfu",
-                                                                                        "tokens"))
-    except ValueError:
-        raise UserError("--gpus, --gpu_mem, --mfu and --tokens take numbers (e.g. --gpu_mem 80 --mfu 0.45).") from None
-    if mfu is not None and not 0 < mfu <= 1:
-        raise UserError(f"--mfu {mfu} is a fraction of the peak, in (0, 1].")
-    return plan(opts["preset"], overrides, gpus=int(gpus) if gpus is not None else None, gpu=opts["gpu"] or "H100",
-                gpu_mem=mem, mfu=mfu, tokens=tokens or 1e9, as_json=flags["json"])
