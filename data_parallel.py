@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from mixed_precision import grad_of
 from parallel import all_reduce, sync_sequence_parallel_grads
-from runtime.checkpoint import load_zero1_state_dict, zero1_state_dict
 from runtime.collectives import Pending, gather_into, scatter_sum_into, wait
 
 
@@ -287,9 +286,66 @@ class ZeroAdamW:
             for p in b.params:
                 p.grad = None
 
+    # ZeRO-1's sharded AdamW state, saved and loaded in plain AdamW's format (run/checkpoint.py writes it)
+
+    def _gathered(self, b, key):
+        """A moment of bucket b's flat buffer at full size, on the device (a collective: every dp rank calls it)."""
+        mine = self.inner.state[b.shard][key] if b.shard in self.inner.state else torch.zeros_like(b.shard)
+        full = torch.empty_like(b.flat)
+        if self.dist.dp > 1:  # into one buffer: a list of outputs would make NCCL allocate a flat copy of its own
+            gather_into(full, mine.detach(), self.dist.dp_group)
+        else:
+            full.copy_(mine)
+        return full
+
     def state_dict(self):
-        """torch.optim.AdamW's format, moments gathered to full size (a collective): runtime/checkpoint.py."""
-        return zero1_state_dict(self)
+        """The state in torch.optim.AdamW's format for the original parameters, in the original
+        groups' order: a checkpoint does not depend on --zero1. A collective: every data-parallel rank calls it; only
+        data-parallel rank 0 (the one that writes the checkpoint) keeps the moments, in host memory. They are gathered
+        one bucket's moment at a time and copied to the host before the next is gathered, so the device holds at most
+        one bucket's moment (--bucket_mb) beyond training's own memory (tools/plan.py), not the whole model's 8 bytes
+        per parameter gathered, plus their copies."""
+        index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
+        keep, state = self.dist.dp_rank == 0, {}
+        for b in self.buckets:
+            if b.shard not in self.inner.state:
+                continue
+            for p in b.params if keep else ():
+                state[index[id(p)]] = {"step": self.inner.state[b.shard]["step"].to("cpu", copy=True)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = self._gathered(b, key)  # [n padded]: this bucket's, on the device; every rank takes part
+                for p, o in zip(b.params, b.offsets) if keep else ():  # copy=True: a copy even on the CPU device
+                    state[index[id(p)]][key] = moment[o:o + p.numel()].view_as(p).to("cpu", copy=True)
+                del moment  # freed before the next one is gathered
+        groups = []
+        for g in self.groups:
+            groups.append({**{k: v for k, v in self.param_groups[0].items() if k != "params"},
+                           "weight_decay": g["weight_decay"], "params": [index[id(p)] for p in g["params"]]})
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd):
-        load_zero1_state_dict(self, sd)
+        """Take this rank's slice of every moment from a plain AdamW state_dict (on the host, as
+        load_checkpoint maps it). The slices are handed to the inner optimizer's own load_state_dict, which puts each
+        piece of state where that optimizer needs it: the moments on the shard's device and dtype, and `step` on the
+        device too where the optimizer is fused or capturable (torch's rule; CUDA's fused AdamW reads it there). Writing
+        host tensors into self.inner.state directly would hand CPU tensors to a CUDA kernel."""
+        index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
+        D, d = self.dist.dp, self.dist.dp_rank
+        inner = self.inner.state_dict()  # {"state": {bucket: ...}, "param_groups": [{..., "params": [bucket]}]}
+        state = {}
+        for j, b in enumerate(self.buckets):
+            ids = [index[id(p)] for p in b.params]
+            if not all(i in sd["state"] for i in ids):
+                continue
+            size, st = b.flat.numel() // D, {}
+            for k in ("exp_avg", "exp_avg_sq"):
+                full = torch.zeros(b.flat.numel(), dtype=b.flat.dtype)  # [n padded], on the host
+                for p, o, i in zip(b.params, b.offsets, ids):
+                    full[o:o + p.numel()].copy_(sd["state"][i][k].reshape(-1))
+                st[k] = full[d * size:(d + 1) * size].clone()
+            st["step"] = sd["state"][ids[0]]["step"].clone()
+            state[j] = st
+        kept = ("params", "weight_decay", "fused", "foreach", "capturable", "differentiable")  # this run's own kernel
+        groups = [{**g, **{k: v for k, v in sd["param_groups"][b.group].items() if k not in kept}}
+                  for g, b in zip(inner["param_groups"], self.buckets)]
+        self.inner.load_state_dict({"state": state, "param_groups": groups})

@@ -27,7 +27,7 @@ from runtime.errors import require
 require("torch")  # a clear hint when run outside .venv
 import torch
 
-from runtime.checkpoint import config_of, consolidated, run_tokenizer
+from run.checkpoint import config_of, consolidated, run_tokenizer
 from dataprep.tokenizer import copy_spec, hf_tokenizer
 from runtime.errors import UserError
 from runtime.mpi import run_or_abort

@@ -19,11 +19,11 @@ What a parameter p carries, and who sets and reads it (the whole list, for mixed
     p.fuse_wgrad              set by parallel.py's Column/RowParallelLinear on their weights: ParallelMatmul may add
                               into main_grad (not the tied embedding, whose gradient has two sources)
     p.tp_sharded, p.tp_dim    set by parallel._sharded: a slice of a tensor split over the tp group, along tp_dim
-                              (clip_grad_norm sums its square over tp; runtime/checkpoint.py cuts and merges it)
+                              (clip_grad_norm sums its square over tp; run/checkpoint.py cuts and merges it)
     p.sequence_parallel       set by model.Yuan under sequence parallelism on replicated parameters: the gradient is
                               summed over tp (parallel.sync_sequence_parallel_grads)
     p.dp_sharded              set by data_parallel.ZeroAdamW on its shards: clip_grad_norm sums them over dp
-What it saves, per matmul weight and micro-batch (bytes moved through memory; bench/roofline.py measures the step):
+What it saves, per matmul weight and micro-batch (bytes moved through memory; tools/roofline.py measures the step):
     autocast over fp32 weights: cast the weight (read 4, write 2), write its bf16 gradient (2), cast that to fp32
                                 (read 2, write 4), add it into .grad (read 8, write 4)                     26 bytes
     this file:                  the weight-gradient GEMM reads and writes main_grad (4 + 4)                 8 bytes
@@ -33,7 +33,6 @@ Numerics: the residual stream, LayerNorm outputs and activations are bf16, as in
 logits, and every update happens in fp32. Checkpoints hold the fp32 master weights under the model's own names
 (fp32_state_dict), so they load into fp32 models (sample.py) and into older code alike.
 """
-import math
 import sys
 
 import torch
@@ -185,15 +184,10 @@ class LossScaler:
         self.enabled, self.growth_interval = enabled, growth_interval
         self.scale, self.good_steps = (scale if enabled else 1.0), 0
 
-    def unscale_and_clip(self, params, max_norm, dist):
-        """Divide gradients by the scale, clip to max_norm; return (grad norm, whether the step may be taken).
-        The norm is the same on every rank, so every rank takes the same decision."""
-        from data_parallel import clip_grad_norm  # here, not at the top: data_parallel.py imports this file
-        grads = [grad_of(p) for p in params if grad_of(p) is not None]
+    def unscale(self, params):
+        """Divide the gradients of params by the scale, in place (nothing to do at scale 1: bf16, fp32)."""
         if self.scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.scale)
-        norm = clip_grad_norm(params, max_norm, dist)
-        return norm, math.isfinite(norm)
+            torch._foreach_mul_([grad_of(p) for p in params if grad_of(p) is not None], 1.0 / self.scale)
 
     def update(self, finite):
         if not self.enabled:

@@ -2,7 +2,7 @@
 
 Yuan 1.0 (Wu et al. 2021, arXiv:2110.04725) uses the Megatron-LM GPT architecture:
 learned absolute position embeddings, pre-LayerNorm blocks, a final LayerNorm, a GELU MLP, biases everywhere,
-and an LM head tied to the word embedding. The ASC22 model is the `yuan-4.7b` preset (runtime/config.py).
+and an LM head tied to the word embedding. The ASC22 model is the `yuan-4.7b` preset (run/config.py).
 
 Each piece that tensor parallelism will later shard is its own named module: the fused QKV projection
 (`attn.qkv`), the attention output projection (`attn.proj`), MLP up (`mlp.fc`), MLP down (`mlp.proj`) and the
@@ -26,7 +26,7 @@ from recompute import checkpoint
 @dataclass
 class ModelConfig:
     """The network: exactly the fields that rebuild it (a checkpoint, sample.py and export.py carry these). The run's
-    fields (schedule, precision, process layout) are runtime/config.py's TrainConfig."""
+    fields (schedule, precision, process layout) are run/config.py's TrainConfig."""
     n_layer: int = 2  # transformer blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # hidden size h
@@ -58,6 +58,21 @@ class ModelConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+
+# The presets' networks; how each is trained is run/config.py's RECIPES. vocab_size 0 = from the data; the counts in
+# the comments use the vocabulary given here.
+MODELS = {
+    # init_std 0.04, not 0.02: at width 192 one Adam step at lr ~1.3e-3 moved block 0's attention so far that the
+    # loss jumped 2.3 nats at step 34 of the demo (issue 28, bench/RESULTS.md)
+    "tiny": dict(n_layer=4, n_head=6, n_embd=192, seq_len=128, vocab_size=4096, init_std=0.04),  # 2,590,848 params
+    "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50304),  # 124,475,904 params
+    "1.3b": dict(n_layer=24, n_head=16, n_embd=2048, seq_len=2048, vocab_size=53248),  # 1,321,848,832 params
+    # ASC22: 40 layers, hidden 3072, 24 heads, FFN 12288, sequence 2048, Yuan's 53,228 tokens padded to 53,248;
+    # --init-method-std 0.002 as Yuan's published recipe (Shawn-IEITSystems/Yuan-1.0, src/pretrain_yuan_13B.sh)
+    "yuan-4.7b": dict(n_layer=40, n_head=24, n_embd=3072, ffn_hidden=12288, seq_len=2048, vocab_size=53248,
+                      init_std=0.002),  # 4,701,321,216 params
+}
 
 
 def pad_vocab(n, multiple=128):
@@ -292,11 +307,10 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 if __name__ == "__main__":
-    from runtime.config import PRESETS, make_config
     print(f"{'preset':<10} {'layers':>6} {'hidden':>6} {'heads':>5} {'ffn':>6} {'seq':>5} {'vocab':>6} "
           f"{'parameters':>15} {'GFLOP/token':>11}")
-    for name in PRESETS:
-        cfg = make_config(name)
+    for name in MODELS:
+        cfg = ModelConfig(**MODELS[name])
         with torch.device("meta"):  # shapes only: the 4.7B model allocates nothing
             n = sum(p.numel() for p in Yuan(cfg).parameters())
         assert n == count_params(cfg), (name, n, count_params(cfg))

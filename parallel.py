@@ -256,7 +256,7 @@ def _sharded(shape, dim, dist):
     local = list(shape)
     local[dim] //= dist.tp
     p = nn.Parameter(torch.empty(local))
-    p.tp_sharded, p.tp_dim = True, dim  # tp_dim: where runtime/checkpoint.py merges and cuts the slices
+    p.tp_sharded, p.tp_dim = True, dim  # tp_dim: where run/checkpoint.py merges and cuts the slices
     return p
 
 

@@ -1,6 +1,6 @@
 """Randomness across tensor-parallel ranks, and activation recomputation that replays it (Megatron-LM keeps the
 same two things together in mpu/random.py). Used by distributed.Dist (every process layout carries its generator),
-by model.py (--recompute) and by runtime/checkpoint.py (rng_state and restore_rng: the generators a checkpoint
+by model.py (--recompute) and by run/checkpoint.py (rng_state and restore_rng: the generators a checkpoint
 keeps)."""
 from contextlib import contextmanager
 
@@ -66,7 +66,7 @@ def restore_rng(saved, dist, seed):
     """Put back what rng_state saved, on this rank's device only. A checkpoint written before issue 27 holds a list
     (every visible GPU's state): this device's entry is taken if there is one, else the first. A tensor-parallel
     generator state that does not fit this device's generator (written on the CPU, resumed on a GPU, or the other
-    way) is replaced by a fresh run's seeding (seed, as train.build seeds it)."""
+    way) is replaced by a fresh run's seeding (seed, as step.build seeds it)."""
     torch.set_rng_state(saved["torch"])
     cuda = saved["cuda"]
     if isinstance(cuda, (list, tuple)):  # the old format: every GPU's state, by index ([] where torch saw none)

@@ -17,7 +17,7 @@ from runtime.errors import require
 require("torch")  # a clear hint when run outside .venv
 import torch
 
-from runtime.checkpoint import load_model
+from run.checkpoint import load_model
 from runtime.errors import UserError
 
 

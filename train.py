@@ -1,12 +1,12 @@
 """Train a Yuan model. Reads top to bottom in the order things happen: config -> data -> model -> optimizer -> loop
 (lr, micro-batches, clip, step, log, eval, checkpoint). Checkpoints and resuming (at any tensor-parallel size) are
-runtime/checkpoint.py; metrics.jsonl and the output directory, runtime/run_dir.py.
+run/checkpoint.py; metrics.jsonl and the output directory, runtime/run_dir.py.
 
     python train.py --preset tiny --data out/data/sanguo --out out/tiny [--max-steps 300] [--resume] [--dtype fp32]
     python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--recompute full] [--json]
 
-Every field of the model's ModelConfig (model.py) and the run's TrainConfig (runtime/config.py) can be set as
---FIELD VALUE (dashes or underscores); the command line is read in runtime/config.py.
+Every field of the model's ModelConfig (model.py) and the run's TrainConfig (run/config.py) can be set as
+--FIELD VALUE (dashes or underscores); the command line is read in run/config.py.
 """
 import math
 import os
@@ -20,24 +20,21 @@ require("torch")  # a clear hint when run outside .venv
 import torch
 
 from data import Batches
-from data_parallel import GradReducer, ZeroAdamW, adamw
 from distributed import init_distributed
+from mixed_precision import LossScaler
+from model import flops_per_token, pad_vocab
+from step import build, resolve_dtype, train_step
+from run.config import fit_schedule, grad_accum, make_config, parse_args, save_record
+from run.checkpoint import resume, save_checkpoint, saved_vocab_size
+from runtime.accelerators import peak_flops
 from runtime.errors import UserError
-from mixed_precision import LossScaler, MasterAdamW, use_master_weights
-from model import Yuan, flops_per_token, pad_vocab
-from runtime.config import fit_schedule, grad_accum, make_config, parse_args, plan_from_args, save_record
 from runtime.mpi import run_or_abort
-from tools.plan import peak_flops
-from runtime.checkpoint import ckpt_name, resume, save_checkpoint, saved_vocab_size
-from runtime.run_dir import Console, Metrics, Score, announce, prepare_out_dir
+from runtime.run_dir import Console, Metrics, Score, announce, ckpt_name, prepare_out_dir
 from runtime.stopping import Stopping
 from dataprep.tokenizer import save_copy
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# The schedule, the dtype
+# The schedule
 
 
 def lr_at(step, cfg):
@@ -47,82 +44,6 @@ def lr_at(step, cfg):
         return cfg.lr * step / max(cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / max(decay_steps - cfg.warmup_steps, 1), 1.0)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def resolve_dtype(cfg, device):
-    """--dtype auto: bf16 on a GPU that computes in it natively (compute capability 8.0, Ampere, and later), fp16 on
-    older ones (V100 is 7.0), as tools/plan.py gpu_dtype assumes; fp32 on the CPU. Asked of this rank's own device.
-    Not torch.cuda.is_bf16_supported(): by default it counts emulation, so it says yes on a V100, where bf16 runs
-    without tensor cores; and it asks the current device, whichever that is."""
-    if cfg.dtype == "auto":
-        if device.type == "cuda":
-            cfg.dtype = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-        else:
-            cfg.dtype = "fp32"  # bf16 matmuls are slower than fp32 on most CPUs
-    return DTYPES[cfg.dtype]
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The model, its optimizer and one training step (also what bench/throughput.py times)
-
-
-def build(cfg, dist):
-    """(model, optimizer, gradient reducer, parameters to clip). cfg.dtype must be resolved (resolve_dtype): in
-    bf16/fp16 the model holds working weights in that dtype and the optimizer fp32 masters (mixed_precision.py).
-    AdamW decays matrices and embeddings, not biases or LayerNorm gains. With --zero1 one object is both optimizer
-    and reducer: its moments are sharded over dp and gradients are reduce-scattered during the last backward
-    (data_parallel.py)."""
-    torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
-    dist.rng.seed(cfg.seed)
-    model = Yuan(cfg.model, dist, sequence_parallel=cfg.sequence_parallel, overlap=cfg.overlap, recompute=cfg.recompute,
-                 seed=cfg.seed).to(dist.device)
-    master = cfg.dtype in ("bf16", "fp16")
-    if master:  # before the reducers: its gradient hook must run before theirs
-        use_master_weights(model, DTYPES[cfg.dtype])
-    # --compile: in place, so parameter names, and so checkpoints, do not change; fixed shapes (micro_batch x seq_len),
-    # so no dynamic-shape kernels. The whole model where dynamo can take its forward as one graph, so that the
-    # embedding, final LayerNorm, head and loss are compiled too. Elsewhere each block: at tp > 1 the collectives
-    # inside the autograd Functions, and under --recompute the checkpoint's generator state, break the graph inside
-    # the loop over blocks; dynamo then gives up on the model's forward and compiles only what it calls, frame by
-    # frame (torch 2.13, TORCH_LOGS=graph_breaks), which is less tested than compiling the blocks. So does bf16/fp16:
-    # the matmuls add into main_grad, a tensor from outside the graph, in their backward. The whole-model graph
-    # unrolls the blocks, so its first step compiles longer as n_layer grows.
-    if cfg.compile and dist.tp == 1 and cfg.recompute == "none" and not master:
-        model.compile(dynamic=False)
-    elif cfg.compile:
-        for block in model.blocks:
-            block.compile(dynamic=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if cfg.zero1:
-        opt = ZeroAdamW(groups, dist, cfg.bucket_mb, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        return model, opt, opt, opt.shards
-    hyper = dict(lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    opt = MasterAdamW(groups, adamw, **hyper) if master else adamw(groups, **hyper)
-    return model, opt, GradReducer(params, dist, cfg.bucket_mb), params
-
-
-def train_step(model, opt, reducer, scaler, clip_params, grad_accum, cfg, dist, batch):
-    """One optimizer step: forward and backward of the micro-batches batch(0), ..., batch(grad_accum - 1), gradient
-    reduction (overlapped with the last backward), unscale and clip, AdamW. Returns (this rank's mean loss as a
-    0-d tensor, the global gradient norm, whether the step was taken). No autocast: in bf16/fp16 the model's own
-    parameters are in that dtype (master weights, mixed_precision.py)."""
-    loss_sum = torch.zeros((), device=dist.device)
-    for micro in range(grad_accum):
-        x, y = batch(micro)
-        loss = model(x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True))[1]  # no logits
-        loss_sum += loss.detach()
-        if micro == grad_accum - 1:
-            reducer.start()  # gradients are final in this backward: reduce bucket by bucket as they complete
-        (loss * (scaler.scale / grad_accum)).backward()
-    reducer.finish()
-    grad_norm, finite = scaler.unscale_and_clip(clip_params, cfg.grad_clip, dist)
-    if finite:
-        opt.step()
-    scaler.update(finite)
-    opt.zero_grad(set_to_none=True)
-    return loss_sum / grad_accum, grad_norm, finite
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -135,7 +56,7 @@ class Run:
 
 def open_data(cfg, opts, dist):
     """The batch reader, and the micro-batches per step it needs (batch_tokens over micro_batch x seq_len x dp: whole,
-    runtime/config.grad_accum, or a UserError that says which batch_tokens would be)."""
+    run/config.grad_accum, or a UserError that says which batch_tokens would be)."""
     accum = grad_accum(cfg, dist.dp)
     data = Batches(opts["data"], cfg.seq_len, cfg.micro_batch, cfg.seed, rank=dist.dp_rank, dp=dist.dp,
                    accum=accum, pin_memory=dist.device.type == "cuda",  # pinned: train_step's copies overlap
@@ -203,7 +124,8 @@ def evaluate(r):
 
 def train(argv):
     opts, flags, overrides = parse_args(argv, __doc__)
-    if flags["plan"]:
+    if flags["plan"]:  # memory and time on paper, nothing allocated
+        from tools.plan import plan_from_args  # here: a plan loads the roofline, a run does not
         return plan_from_args(opts, flags, overrides)
     r = setup(opts, flags, overrides)
     cfg, dist, metrics, console, score, step = r.cfg, r.dist, r.metrics, r.console, r.score, r.step

@@ -1,15 +1,15 @@
-"""bench/roofline.py held against published measurements of codes whose step is close to ours (issue 20).
+"""tools/roofline.py held against published measurements of codes whose step is close to ours (issue 20).
 
     python bench/anchors.py [--json FILE]
 
 Each anchor is a published run: its source, its configuration, and what was measured there (step time or model
 FLOP utilization). The same configuration is projected for this code's own step (our model, our kernels: the
 comparison is between two codes, and bench/RESULTS.md names what differs). Nothing here feeds back into the
-roofline: the terms of bench/roofline.py were fixed from their own sources before these ratios were looked at.
+roofline: the terms of tools/roofline.py were fixed from their own sources before these ratios were looked at.
 
 "Priced as there": a second projection of the same step with what the anchor's code did differently and a
 published figure prices: the attention kernel of its day (the bars of the FlashAttention-2 figure that
-bench/roofline.py's FA2 table comes from, ATTENTION_THEN), communication it overlapped entirely, or a speed-up its
+tools/roofline.py's FA2 table comes from, ATTENTION_THEN), communication it overlapped entirely, or a speed-up its
 author measured. It explains a ratio; it does not change the roofline.
 
 The model FLOPs of our flops_per_token (6 x matmul weights + 12 L h T per token) are those of Megatron's model-FLOP
@@ -19,8 +19,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import roofline  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import roofline  # noqa: E402
 
 # The other bars of the figure FA2 comes from (Dao-AILab/flash-attention assets/flash2_a100_fwd_bwd_benchmark.png,
 # commit 4f285b3, "Attention forward + backward speed (A100 80GB SXM4)"): TFLOP/s by sequence length 512 ... 16k, in

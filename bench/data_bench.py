@@ -103,7 +103,7 @@ def main():
     # model.py imports torch: only here, so that the prepare workers above (spawned: they import this file again)
     # start as fast as data.py's own do
     from model import flops_per_token
-    from runtime.config import make_config
+    from run.config import make_config
     for preset, micro in (("small", 8), ("yuan-4.7b", 1)):
         cfg = make_config(preset, vocab_size=53248)
         b = Batches(out, cfg.seq_len, micro, seed=0)

@@ -1,4 +1,4 @@
-"""Where bench/roofline.py's GEMM_K0 and GEMM_FIXED_S come from: the least-squares fit to measured GEMMs (issue 20).
+"""Where tools/roofline.py's GEMM_K0 and GEMM_FIXED_S come from: the least-squares fit to measured GEMMs (issue 20).
 
     python bench/gemm_fit.py
 
@@ -18,8 +18,8 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import roofline  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import roofline  # noqa: E402
 
 TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
                      "xla_sm90_matmul.csv")
@@ -71,7 +71,7 @@ def main():
     print(f"  quantization only (k0 = 0, t0 = 0):       {math.exp(rms_log_error(shapes, 0, 0)):.3f}")
     print(f"  best t0 alone (k0 = 0):                   {math.exp(min(rms_log_error(shapes, 0, t) for t in T0S)):.3f}")
     print(f"  best fit: k0 = {k0}, t0 = {t0 * 1e6:.1f} us:        {math.exp(err):.3f}")
-    print(f"  bench/roofline.py: GEMM_K0 = {roofline.GEMM_K0}, GEMM_FIXED_S = {roofline.GEMM_FIXED_S * 1e6:.1f} us: "
+    print(f"  tools/roofline.py: GEMM_K0 = {roofline.GEMM_K0}, GEMM_FIXED_S = {roofline.GEMM_FIXED_S * 1e6:.1f} us: "
           f"{math.exp(rms_log_error(shapes, roofline.GEMM_K0, roofline.GEMM_FIXED_S)):.3f}")
 
     print("A100, EleutherAI's MLP forward (8192 tokens, fp16), TFLOP/s: measured; priced with quantization only; "

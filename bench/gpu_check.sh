@@ -6,7 +6,7 @@
 #   2. bench/throughput.py (steps of 4 micro-batches, its default): `small` and `1.3b` in bf16, eager and --compile;
 #      1.3b with recomputation; yuan-4.7b at tp 1 without recomputation at the largest micro-batch that fits (4, 2
 #      or 1: the largest plan.py says fits this card first, the next smaller after an OOM row); plan.py's memory
-#      estimate beside each measured peak, and bench/roofline.py's projection of every timed setting beside it,
+#      estimate beside each measured peak, and tools/roofline.py's projection of every timed setting beside it,
 #   3. bench/vs_plain.py on the GPU (nanoyuan's step against plain PyTorch, `small`, bf16),
 #   4. the data benchmark (bench/data_bench.py) on all of the machine's cores,
 # writing device.txt, tests.txt (+ tests.xml), throughput.txt (+ throughput.jsonl, bench_stderr.txt), roofline.txt,
@@ -34,7 +34,7 @@ want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }  # STEP: whether to run it
   $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
 GPU=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)  # MiB
-case "$GPU" in *H200*) ROOF_GPU=H200 ;; *H100*) ROOF_GPU=H100 ;; *) ROOF_GPU= ;; esac  # bench/roofline.py's names
+case "$GPU" in *H200*) ROOF_GPU=H200 ;; *H100*) ROOF_GPU=H100 ;; *) ROOF_GPU= ;; esac  # tools/roofline.py's names
 said device "${GPU:-no GPU (nvidia-smi saw none)}; $($PY -c "import torch; print('torch', torch.__version__)" 2>&1 |
   tail -1); $(nproc) cores"
 said commit "$(git describe --always --dirty 2>/dev/null || echo "not a git checkout")"
@@ -93,7 +93,7 @@ limit() {  # SECONDS: the smaller of SECONDS and what is left before the last 75
   echo $(( $1 < left ? $1 : left ))
 }
 
-ROWS=0  # rows of throughput.jsonl already handed to bench/roofline.py
+ROWS=0  # rows of throughput.jsonl already handed to tools/roofline.py
 ROW_ARGS=$(cat <<'PYTHON'
 import json, sys
 FLAGS = [("preset", "preset"), ("tp", "tp"), ("dp", "dp"), ("dtype", "dtype"), ("recompute", "recompute"),
@@ -104,16 +104,16 @@ for line in sys.stdin:
     print(" ".join(f"--{flag} {row[key]}" for flag, key in FLAGS))
 PYTHON
 )
-project() {  # bench/roofline.py's projection of every row bench() just added (where another engineer's roofline.py
+project() {  # tools/roofline.py's projection of every row bench() just added (where another engineer's roofline.py
   # is there): on the CPU, in the background, one thread, so that it barely touches the measurement; each grid's
   # projections into their own file, joined in order into roofline.txt at the end
   local n
   n=$(wc -l < "$OUT/throughput.jsonl")
-  if [ -f bench/roofline.py ] && [ -n "$ROOF_GPU" ] && [ "$n" -gt "$ROWS" ]; then
+  if [ -f tools/roofline.py ] && [ -n "$ROOF_GPU" ] && [ "$n" -gt "$ROWS" ]; then
     sed -n "$((ROWS + 1)),${n}p" "$OUT/throughput.jsonl" | $PY -c "$ROW_ARGS" > "$WORK/args.$ROWS"
     while read -r args; do
-      echo "== bench/roofline.py --gpu $ROOF_GPU $args --json"
-      OMP_NUM_THREADS=1 timeout 60 $PY bench/roofline.py --gpu "$ROOF_GPU" $args --json
+      echo "== tools/roofline.py --gpu $ROOF_GPU $args --json"
+      OMP_NUM_THREADS=1 timeout 60 $PY tools/roofline.py --gpu "$ROOF_GPU" $args --json
     done < "$WORK/args.$ROWS" > "$WORK/roofline.$(printf %04d "$ROWS")" 2>&1 &
   fi
   ROWS=$n

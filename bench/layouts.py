@@ -1,6 +1,6 @@
 """Which layout for N GPUs? Every tensor-parallel x data-parallel split (with and without ZeRO-1) of a preset, as
 tools/plan.py's picker (layouts) offers them to `train.py --plan`, checked for memory by tools/plan.py and priced by
-bench/roofline.py; the fastest that fits is picked, and the output says why (the categories of time in which it
+tools/roofline.py; the fastest that fits is picked, and the output says why (the categories of time in which it
 differs from the runner-up).
 
     python bench/layouts.py --preset yuan-4.7b --gpu H100 --gpus 8 [--gpu_mem GB] [--micro_batch 1] [--json FILE]
@@ -19,11 +19,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runtime.errors import UserError  # noqa: E402
-from runtime.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
-from tools.plan import GPU_MEM_GB, SLACK_GB, estimate, layouts, lookup  # noqa: E402
-from roofline import CATEGORIES, GPUS, PESSIMISM, project  # noqa: E402
+from run.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
+from runtime.accelerators import accelerator  # noqa: E402
+from tools.plan import SLACK_GB, estimate, layouts  # noqa: E402
+from tools.roofline import CATEGORIES, GPUS, PESSIMISM, project  # noqa: E402
 
 
 def compare(preset, overrides, gpu, gpus, gpu_mem=None):
@@ -34,7 +34,7 @@ def compare(preset, overrides, gpu, gpus, gpu_mem=None):
         raise UserError(f"unknown --gpu {gpu!r}. Known: {', '.join(GPUS)}.")
     if gpus < 1:
         raise UserError(f"--gpus {gpus} must be at least 1.")
-    mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)
+    mem_gb = gpu_mem or accelerator(gpu)["mem_gb"]
     rows = []
     for lay in layouts(preset, overrides, gpus):
         tp, dp, over = lay["tp"], lay["dp"], lay["overrides"]
@@ -83,7 +83,7 @@ def main(argv):
         raise UserError("--gpus takes a whole number, --gpu_mem a number of GB.") from None
     rows = compare(opts["preset"], overrides, opts["gpu"], gpus, gpu_mem or None)
     print(f"{opts['preset']} on {gpus} x {opts['gpu']}, {rows[0]['dtype']}, micro-batch {rows[0]['micro_batch']} x "
-          f"{rows[0]['seq_len']}, recompute {rows[0]['recompute']}; projected by bench/roofline.py "
+          f"{rows[0]['seq_len']}, recompute {rows[0]['recompute']}; projected by tools/roofline.py "
           f"({rows[0]['assumes'].split(':')[0]}), memory by tools/plan.py\n"
           f"{'layout':<28} {'memory GB':>10} {'fits':>5} {'tokens/s (pessimistic)':>23} {'MFU (pessimistic)':>18} "
           f"{'exposed comm s':>15}")

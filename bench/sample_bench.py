@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model import Yuan  # noqa: E402
-from runtime.config import make_config  # noqa: E402
+from run.config import make_config  # noqa: E402
 
 
 def timed(model, prompt, new, use_cache):

@@ -1,4 +1,4 @@
-"""Training throughput of the real step (train.build and train.train_step, nothing copied): tokens/s, MFU and peak
+"""Training throughput of the real step (step.build and step.train_step, nothing copied): tokens/s, MFU and peak
 memory for a grid of settings, printed as a table under the device's name. Tokens are synthetic (random ids), so the
 model is measured, not the data path (that is bench/data_bench.py).
 
@@ -29,12 +29,13 @@ import torch  # noqa: E402
 
 from runtime.errors import UserError  # noqa: E402
 from model import flops_per_token  # noqa: E402
-from runtime.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
+from run.config import FIELD_TYPES, make_config, parse_field  # noqa: E402
 from runtime.mpi import run_or_abort  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from tools.plan import estimate  # noqa: E402
-from tools.plan import peak_flops  # noqa: E402
-from train import LossScaler, build, resolve_dtype, train_step  # noqa: E402
+from runtime.accelerators import peak_flops  # noqa: E402
+from mixed_precision import LossScaler  # noqa: E402
+from step import build, resolve_dtype, train_step  # noqa: E402
 
 BENCH_OPTS = {"steps": 5, "warmup": 2, "accum": 4, "json": ""}
 

@@ -1,6 +1,6 @@
 """Is nanoyuan's training step as fast as plain PyTorch? The same model (learned positions, pre-LayerNorm, GELU,
 biases, tied head) written the obvious way with nn.Linear and F.cross_entropy, and the same step (forward, backward,
-clip to 1.0, AdamW), timed side by side in one process against train.build + train.train_step at tp = dp = 1.
+clip to 1.0, AdamW), timed side by side in one process against step.build + step.train_step at tp = dp = 1.
 The two alternate step by step, so that both see the same machine state. Run by hand; results in bench/RESULTS.md.
 
     python bench/vs_plain.py [--preset small] [--seq_len 256] [--micro_batch 4] [--steps 5] [--dtype fp32]
@@ -16,9 +16,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from runtime.config import make_config  # noqa: E402
+from run.config import make_config  # noqa: E402
 from distributed import Dist  # noqa: E402
-from train import LossScaler, build, resolve_dtype, train_step  # noqa: E402
+from mixed_precision import LossScaler  # noqa: E402
+from step import build, resolve_dtype, train_step  # noqa: E402
 
 
 class PlainBlock(nn.Module):

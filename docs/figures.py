@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from distributed import Dist  # noqa: E402
 from model import Yuan  # noqa: E402
-from runtime.config import make_config  # noqa: E402
+from run.config import make_config  # noqa: E402
 
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
 

@@ -1,2 +1,2 @@
-"""What a run needs around the training: settings, checkpoints, the output directory, stopping, rendezvous,
-MPI endings, errors."""
+"""The layers: see README.md's file table. The ground floor: errors, MPI endings, collectives with a deadline,
+rendezvous, start-up, stopping, the output directory, the accelerators' table."""

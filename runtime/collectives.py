@@ -37,7 +37,7 @@ def wait(work, dist):
 
 # torch 2.13 names the single-buffer collectives all_gather_single / reduce_scatter_single and warns (FutureWarning)
 # on the older names, all_gather_into_tensor / reduce_scatter_tensor; older releases have only those: take the new.
-# Looked up by name at each call, so that a wrapper put on torch.distributed (bench/roofline.py's) sees the call.
+# Looked up by name at each call, so that a wrapper put on torch.distributed (tools/roofline.py's) sees the call.
 _GATHER = "all_gather_single" if hasattr(tdist, "all_gather_single") else "all_gather_into_tensor"
 _SCATTER = "reduce_scatter_single" if hasattr(tdist, "reduce_scatter_single") else "reduce_scatter_tensor"
 

@@ -1,8 +1,8 @@
 """What a run leaves for people to look at: the output directory's metrics.jsonl and TensorBoard events, the
 console (a progress bar on a terminal, plain lines in a batch log), and the refusal to start a new run over an old
-one. Its checkpoints are runtime/checkpoint.py's.
+one. Its checkpoints are run/checkpoint.py's.
 
-    OUT/ckpt_*.pt                  checkpoints (runtime/checkpoint.py)
+    OUT/ckpt_*.pt                  checkpoints (run/checkpoint.py)
     OUT/metrics.jsonl              one JSON object per line (metrics.rewound.jsonl: rows a resume rewound)
     OUT/tensorboard/               TensorBoard event files (`tensorboard --logdir OUT`)
     OUT/config.json, tokenizer.*   a record of the run, and the tokenizer for sample.py
@@ -12,13 +12,31 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import time
 
-from runtime.checkpoint import CKPT_RE
 from runtime.errors import UserError
+
+# The checkpoint files' names (run/checkpoint.py writes and reads them; prepare_out_dir protects them)
+CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
+
+
+def ckpt_name(step, tp=1, tp_rank=0):
+    return f"ckpt_{step:07d}.pt" if tp == 1 else f"ckpt_{step:07d}.tp{tp_rank}of{tp}.pt"
+
+
+def ckpt_files(out):
+    """[(step, tp, tp_rank, path)] of every complete checkpoint file in out (a half-written one is still *.tmp)."""
+    files = []
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        m = CKPT_RE.match(name)
+        if m:
+            files.append((int(m[1]), int(m[3] or 1), int(m[2] or 0), os.path.join(out, name)))
+    return sorted(files)
+
 
 TB_TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "lr", "grad_norm": "grad_norm",
            "tokens_per_s": "speed/tokens_per_s", "mfu": "speed/mfu", "loss_scale": "loss_scale", "skipped": "skipped"}

@@ -12,9 +12,9 @@ from torch.utils._pytree import tree_flatten
 
 from distributed import Dist
 from mixed_precision import LossScaler
-from runtime.checkpoint import save_checkpoint
+from run.checkpoint import save_checkpoint
 from runtime.collectives import _GATHER, _SCATTER
-from train import build, train_step
+from step import build, train_step
 
 
 class LiveBytes(TorchDispatchMode):
@@ -81,7 +81,7 @@ def backend_buffers_unwatched():
 
 def measured_peak(cfg, steps=2, accum=2, dist=None, checkpoint_to=None):
     """Peak bytes alive during the last of `steps` optimizer steps of `accum` micro-batches each, counting the model,
-    the optimizer and everything autograd keeps: train.build and train.train_step, as the loop runs them, in
+    the optimizer and everything autograd keeps: step.build and step.train_step, as the loop runs them, in
     cfg.dtype (bf16/fp16: working weights, fp32 masters and main gradients). With checkpoint_to (a directory) a
     checkpoint is then written there as train.py writes it, and the result is (peak of the last step, peak while
     the checkpoint is gathered and written)."""

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
 from model import Yuan  # noqa: E402
-from runtime.config import Config  # noqa: E402
+from run.config import Config  # noqa: E402
 from data_parallel import GradReducer, ZeroAdamW  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from runtime.mpi import run_or_abort  # noqa: E402

@@ -8,7 +8,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import torch.distributed as tdist  # noqa: E402
 
 from memtrack import measured_peak  # noqa: E402
-from runtime.config import make_config  # noqa: E402
+from run.config import make_config  # noqa: E402
 from distributed import init_distributed  # noqa: E402
 from runtime.mpi import run_or_abort  # noqa: E402
 from tools.plan import estimate  # noqa: E402

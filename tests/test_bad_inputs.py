@@ -75,7 +75,7 @@ CASES = [
     ("train.py", [*SMALL, "--data", "{data}", "--out", "{run}", "--resume", "--n_layer", "3"],
      "is from another model config"),
     # train.py --plan
-    ("train.py", ["--preset", "tiny", "--plan", "--gpu", "H300"], "is not a GPU tools/plan.py knows"),
+    ("train.py", ["--preset", "tiny", "--plan", "--gpu", "H300"], "is not a GPU runtime/accelerators.py knows"),
     ("train.py", ["--preset", "tiny", "--plan", "--tp", "2", "--gpus", "3"], "must be a positive multiple of --tp"),
     ("train.py", ["--preset", "tiny", "--plan", "--mfu", "2"], "is a fraction of the peak"),
     ("train.py", ["--preset", "tiny", "--plan", "--gpu_mem", "lots"], "take numbers"),

@@ -56,9 +56,9 @@ def test_cuda_zero1_resume_is_exact(prepared, tmp_path):
 def test_cuda_auto_dtype_matches_the_planner():
     """Issue 27, finding 7: --dtype auto gives bf16 where the GPU has it natively (sm80+), fp16 elsewhere, as
     tools/plan.py assumes for the card of that name."""
-    from runtime.config import make_config
+    from run.config import make_config
     from tools.plan import gpu_dtype
-    from train import resolve_dtype
+    from step import resolve_dtype
     cfg = make_config("tiny", dtype="auto")
     resolve_dtype(cfg, torch.device("cuda", 0))
     assert cfg.dtype == ("bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16")
@@ -71,9 +71,9 @@ def test_cuda_peak_memory_within_the_plan(zero1):
     parameters dominate, in bf16, within 10% of tools/plan.py's estimate (flash attention, as the plan assumes)."""
     from distributed import Dist
     from mixed_precision import LossScaler
-    from runtime.config import make_config
+    from run.config import make_config
     from tools.plan import estimate
-    from train import build, train_step
+    from step import build, train_step
     cfg = make_config("tiny", n_layer=4, n_embd=1024, n_head=8, seq_len=256, vocab_size=8192, micro_batch=2,
                       dtype="bf16", zero1=zero1)
     dist = Dist(device=torch.device("cuda", 0))

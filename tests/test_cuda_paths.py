@@ -13,7 +13,7 @@ from distributed import Dist
 from recompute import TPRandom, restore_rng, rng_state
 from runtime.errors import UserError
 from runtime.startup import device_for
-from train import resolve_dtype
+from step import resolve_dtype
 
 CPU_STATE = torch.get_rng_state().numel()  # mt19937: 5056 bytes
 CUDA_STATE = 16  # philox: an 8-byte seed and an 8-byte offset

@@ -37,7 +37,7 @@ def exported(prepared, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(exported):
-    from runtime.checkpoint import config_of, consolidated
+    from run.checkpoint import config_of, consolidated
     from model import Yuan
     from dataprep.tokenizer import load_tokenizer
     ckpt, _ = consolidated(exported[0])

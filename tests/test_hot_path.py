@@ -89,15 +89,15 @@ def test_pinned_batches_on_a_gpu_machine(tmp_path):
 @pytest.mark.parametrize("recompute, dtype, whole", [("none", "fp32", True), ("full", "fp32", False),
                                                     ("selective", "fp32", False), ("none", "bf16", False)])
 def test_compile_takes_the_whole_model_where_it_can(recompute, dtype, whole):
-    """--compile: the whole model at tp 1 in fp32 without recomputation, each block elsewhere (train.build says
+    """--compile: the whole model at tp 1 in fp32 without recomputation, each block elsewhere (step.build says
     why; tp > 1 too, tested by tests/test_parallel_train.py -k compile). Only the choice is checked here (nothing
     compiles until a forward); the numbers are the next test's and, in bf16, tests/test_mixed_precision.py's."""
-    import train
-    from runtime.config import make_config
+    import step
+    from run.config import make_config
     from distributed import Dist
     cfg = make_config("tiny", n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=512, dtype=dtype,
                       compile=True, recompute=recompute)
-    model = train.build(cfg, Dist())[0]
+    model = step.build(cfg, Dist())[0]
     assert (model._compiled_call_impl is not None) == whole
     assert all((b._compiled_call_impl is not None) != whole for b in model.blocks)
 

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from conftest import ROOT, run
-from runtime.config import grad_accum, make_config, parse_args
+from run.config import grad_accum, make_config, parse_args
 import tools.plan as planner
+from runtime.accelerators import ACCELERATORS
 
 
 def train_py_accepts(preset, gpus, flags):
@@ -31,7 +32,7 @@ def test_every_layout_offered_is_one_train_py_runs(preset):
     cfg = make_config(preset)
     micro = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len)  # 512 for yuan-4.7b, 128 for 1.3b
     offered, changed = 0, 0
-    for gpu, mem_gb in planner.GPU_MEM_GB:
+    for mem_gb, gpu in {row["mem_gb"]: name for name, row in ACCELERATORS}.items():  # each size once
         for gpus in range(1, 65):
             for r in planner.layouts_that_fit(preset, {}, gpu, gpus, mem_gb, rank_by_speed=False):
                 accum = train_py_accepts(preset, gpus, r["flags"])

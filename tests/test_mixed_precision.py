@@ -7,10 +7,10 @@ from conftest import SMALL, read_metrics, run
 from data_parallel import adamw
 from mixed_precision import MasterAdamW, fp32_state_dict, load_fp32_state_dict
 from model import Yuan
-from runtime.config import make_config
+from run.config import make_config
 from distributed import Dist
 from mixed_precision import LossScaler
-from train import build, train_step
+from step import build, train_step
 
 STEPS, ACCUM = 5, 2
 
@@ -25,7 +25,7 @@ def batches():
 
 
 def train(dtype):
-    """STEPS steps of train.build + train.train_step; (losses, model, optimizer)."""
+    """STEPS steps of step.build + step.train_step; (losses, model, optimizer)."""
     cfg, dist, data = tiny(dtype), Dist(), batches()
     model, opt, reducer, clip = build(cfg, dist)
     scaler, losses = LossScaler(enabled=dtype == "fp16"), []

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model import UserError, Yuan, count_params
-from runtime.config import PRESETS, Config, make_config
+from model import ModelConfig, UserError, Yuan, count_params
+from run.config import PRESETS, Config, make_config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -129,3 +129,16 @@ def test_recompute_gives_the_same_gradients(dropout):
     for recompute in ("selective", "full"):
         other_loss, other = grads(recompute)
         assert other_loss == loss and all(torch.equal(other[n], ref[n]) for n in ref)
+
+
+def test_presets_are_a_network_and_a_recipe():
+    """model.py's MODELS (the network of each preset) and run/config.py's RECIPES (how it is trained) name the same
+    presets, each with fields of its own kind only: a checkpoint's model_config is a MODELS entry's kind of field."""
+    from dataclasses import fields
+    from model import MODELS
+    from run.config import RECIPES, TrainConfig
+    assert list(MODELS) == list(RECIPES) == list(PRESETS)
+    network, run = {f.name for f in fields(ModelConfig)}, {f.name for f in fields(TrainConfig)}
+    for name in MODELS:
+        assert set(MODELS[name]) <= network and set(RECIPES[name]) <= run, name
+        assert ModelConfig(**MODELS[name]) == make_config(name).model, name

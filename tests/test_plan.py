@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, run
 from memtrack import measured_peak
 from model import Yuan, count_params
-from runtime.config import make_config
+from run.config import make_config
 from distributed import Dist
 from tools.plan import estimate, params_per_rank
 from test_parallel import MPIEXEC, needs_mpiexec
@@ -61,10 +61,9 @@ def test_plan_cli_and_the_issue_goals(capsys, monkeypatch):
     proc = run("train.py", "--preset", "yuan-4.7b", "--tp", 8, "--plan", "--gpus", 8, "--gpu", "H100", "--mfu", 0.4)
     assert "593,820,672" in proc.stdout and "fits" in proc.stdout and "tokens/s" in proc.stdout
     assert "of 4,701,321,216 in the model" in proc.stdout
-    # The goals, in this process (the command line is the same function: runtime/config.plan_from_args -> plan.plan).
+    # The goals, in this process (the command line is the same function: tools/plan.plan_from_args -> plan).
     from tools.plan import plan
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import roofline
+    from tools import roofline
     calls, project = [], roofline.project
     monkeypatch.setattr(roofline, "project", lambda *a, **k: calls.append((a, k, project(*a, **k))) or calls[-1][2])
     memory_goals = [("A100-40GB", 8, 8, "bf16", {}), ("V100-32GB", 4, 4, "fp16", {"recompute": "full"})]
@@ -74,8 +73,8 @@ def test_plan_cli_and_the_issue_goals(capsys, monkeypatch):
     for gpu, gpus, tp, dtype, extra in [("H200", 1, 1, "bf16", {"recompute": "full"})]:
         r = plan("yuan-4.7b", {"tp": tp, **extra}, gpus=gpus, gpu=gpu, as_json=True)
         assert r["fits"] and r["dtype"] == dtype and r["tp"] == tp, r
-        # the time uses the MFU that bench/roofline.py projects for this very layout, not a fixed figure
-        assert r["mfu_source"].startswith(f"projected by bench/roofline.py for {gpu}") and 0.1 < r["mfu"] < 0.8
+        # the time uses the MFU that tools/roofline.py projects for this very layout, not a fixed figure
+        assert r["mfu_source"].startswith(f"projected by tools/roofline.py for {gpu}") and 0.1 < r["mfu"] < 0.8
         assert r["hours"] == pytest.approx(1e9 / (gpus * r["peak_tflops"] * 1e12 * r["mfu"] / r["flops_per_token"])
                                            / 3600)
     # r, the H200 goal, took its MFU from the projection of that very layout

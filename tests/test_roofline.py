@@ -1,4 +1,4 @@
-"""bench/roofline.py: the recorded FLOPs and bytes of a tiny step against hand-computed values, the categories
+"""tools/roofline.py: the recorded FLOPs and bytes of a tiny step against hand-computed values, the categories
 against the total, the collectives of a tp 2 and a dp 2 fake layout, and the refusals of bad options."""
 import functools
 import math
@@ -10,10 +10,11 @@ import pytest
 from conftest import ROOT, run
 from runtime.errors import UserError
 from model import count_params, flops_per_token
-from runtime.config import make_config
+from run.config import make_config
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import roofline  # noqa: E402
+from tools import roofline
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # the calibration scripts of bench/ that these tests run
 
 # One layer with sizes that share no factor by accident: h = 3 heads x 16, FFN 80, T = 24, V = 256, B = 2.
 B, T, H, NH, F, V = 2, 24, 48, 3, 80, 256
@@ -105,7 +106,7 @@ def test_bad_options_are_refused():
         roofline.project("tiny", {**TINY, "dtype": "bf16"}, "V100-32GB")
     for args, message in [(["--gpu", "TPU"], "unknown --gpu"), (["--n_layers", "2"], "unknown option --n_layers"),
                           (["--gpus", "6", "--tp", "4"], "--gpus 6 must equal"), (["--accum", "two"], "cannot read")]:
-        proc = run("bench/roofline.py", "--preset", "tiny", *args, check=False)
+        proc = run("tools/roofline.py", "--preset", "tiny", *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -129,7 +130,7 @@ def test_compile_prices_fused_runs():
 
 
 def test_gemm_efficiency_by_hand():
-    """Tile and wave quantization (bench/roofline.py, TILES and SPLIT_K_MIN), on a GPU of 4 or 8 SMs; then each
+    """Tile and wave quantization (tools/roofline.py, TILES and SPLIT_K_MIN), on a GPU of 4 or 8 SMs; then each
     tile's fixed cost, GEMM_K0 more of K per slice."""
     eff = functools.partial(roofline.gemm_efficiency, k0=0)
     # 256 x 640 on 4 SMs: 256x128 tiles: 5 tiles, 2 waves of 4 -> 5/8; 128x256: 6 tiles, padding 640/768, 2 waves
@@ -161,7 +162,7 @@ def test_gemm_fixed_costs_are_the_fit_to_measured_gemms():
 
 
 def test_attention_at_flashattention2s_published_speed():
-    """attention_seconds (bench/roofline.py, FA2): a published point, and one between four of them."""
+    """attention_seconds (tools/roofline.py, FA2): a published point, and one between four of them."""
     A100 = roofline.FA2["A100"]
     f = 3e12  # recorded FLOPs of a forward and its backward: 3 x the forward's 4 B h T^2 hd
     # causal, head dim 64, T = 1024: 119 TFLOP/s over the figure's FLOPs, 3.5 x forward / 2 = f x 3.5 / 3 / 2

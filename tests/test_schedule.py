@@ -3,7 +3,7 @@ unless the user set it, and train.py says so in one line."""
 import pytest
 
 from conftest import SMALL, read_metrics, run
-from runtime.config import WARMUP_FRACTION, fit_schedule, make_config
+from run.config import WARMUP_FRACTION, fit_schedule, make_config
 from train import lr_at
 
 

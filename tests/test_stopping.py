@@ -1,4 +1,4 @@
-"""What happens when a run is stopped or goes wrong (runtime/stopping.py, runtime/checkpoint.py): batch-system signals and the time
+"""What happens when a run is stopped or goes wrong (runtime/stopping.py, run/checkpoint.py): batch-system signals and the time
 limit (a checkpoint, exit 75, an exact resume), copies of a signal (a job-wide SIGTERM that each rank also gets from
 mpiexec), a deliberate second signal and SIGQUIT, divergence, a full file system while a checkpoint is written, and
 an unreadable newest checkpoint."""

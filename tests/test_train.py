@@ -1,3 +1,4 @@
+import math
 import os
 import shutil
 import signal
@@ -11,10 +12,11 @@ import torch
 
 from conftest import ROOT, SMALL, read_metrics, run
 from model import ModelConfig, UserError, Yuan
-from runtime.config import Config
+from run.config import Config
 from distributed import Dist
+from data_parallel import clip_grad_norm
 from mixed_precision import LossScaler
-from runtime.config import parse_args
+from run.config import parse_args
 from train import lr_at
 
 EXACT = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "loss_scale", "skipped")
@@ -38,17 +40,22 @@ def test_loss_scaler_skips_inf_and_recovers():
         _, loss = model(x[:, :-1], x[:, 1:])
         (loss * scaler.scale).backward()
 
+    def unscale_and_clip():  # as step.train_step does
+        scaler.unscale(params)
+        norm = clip_grad_norm(params, 1.0, Dist())
+        return norm, math.isfinite(norm)
+
     backward()
     params[3].grad[0] = float("inf")  # an fp16 overflow somewhere in the backward
     before = [p.detach().clone() for p in params]
-    norm, finite = scaler.unscale_and_clip(params, 1.0, Dist())
+    norm, finite = unscale_and_clip()
     assert not finite and not torch.isfinite(torch.tensor(norm))
     scaler.update(finite)
     opt.zero_grad()
     assert scaler.scale == 512.0 and all(p.equal(b) for p, b in zip(params, before))
     for expected_scale in (512.0, 1024.0):  # two clean steps -> the scale grows back (growth_interval=2)
         backward()
-        norm, finite = scaler.unscale_and_clip(params, 1.0, Dist())
+        norm, finite = unscale_and_clip()
         assert finite and norm > 0
         opt.step()
         scaler.update(finite)
@@ -204,7 +211,7 @@ def test_corrupt_data_and_checkpoint(prepared, tmp_path):
 def test_mfu_with_given_peak(prepared, tmp_path):
     """With --peak_tflops, mfu = (6 N_matmul + 12 L h T) * tokens/s / peak."""
     from model import flops_per_token
-    from runtime.config import make_config
+    from run.config import make_config
     run("train.py", *SMALL, "--data", prepared, "--out", tmp_path / "r", "--max_steps", 2, "--peak_tflops", 0.001)
     cfg = make_config("tiny", n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=512)
     for r in (r for r in read_metrics(tmp_path / "r") if "loss" in r):

@@ -1,1 +1,1 @@
-"""Tools beside training: the planner (tools/plan.py, train.py --plan) and the loss plots (tools/plot.py)."""
+"""The tools that simulate a run (plan.py, roofline.py) and the loss plots (plot.py)."""

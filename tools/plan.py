@@ -3,7 +3,7 @@
     python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--micro_batch 1] [--recompute full]
                     [--zero1 true] [--gpu_mem 80] [--mfu 0.45] [--tokens 1e9] [--json]
 
-Time: tokens/s = GPUs x peak x MFU / FLOPs per token, with the MFU that bench/roofline.py projects for this layout
+Time: tokens/s = GPUs x peak x MFU / FLOPs per token, with the MFU that tools/roofline.py projects for this layout
 on this GPU from the training step's own op stream (--mfu overrides it).
 
 Memory per GPU, as train.py holds it (in bf16/fp16, Megatron-style master weights: mixed_precision.py):
@@ -36,31 +36,16 @@ Measured against these formulas on CPU in fp32 (tests/test_plan.py): within 3% f
 tp = 2 with and without sequence parallelism under mpiexec (tests/mpi_plan.py), within 10%. The
 plan assumes flash attention (GPU); CPU attention with dropout stores T x T probabilities the plan leaves out.
 """
-import importlib
 import json
 import os
 import sys
 
+from runtime.accelerators import ACCELERATORS, GPUS_PER_NODE, accelerator
 from runtime.errors import UserError
 from model import flops_per_token
-from runtime.config import grad_accum, make_config, whole_batch_tokens
+from run.config import grad_accum, make_config, whole_batch_tokens
 
-# Dense peak TFLOP/s by datasheet, per dtype; train.py reads it for MFU. First match of the name wins.
-PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756, "fp16": 756, "fp32": 51}),
-    ("H100 NVL", {"bf16": 835, "fp16": 835, "fp32": 60}),
-    ("H200", {"bf16": 989, "fp16": 989, "fp32": 67}),
-    ("H100", {"bf16": 989, "fp16": 989, "fp32": 67}),  # SXM
-    ("H800", {"bf16": 989, "fp16": 989, "fp32": 67}),
-    ("A100", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
-    ("A800", {"bf16": 312, "fp16": 312, "fp32": 19.5}),
-    ("L40S", {"bf16": 362, "fp16": 362, "fp32": 91.6}),
-    ("V100", {"fp16": 125, "fp32": 15.7}),  # SXM2; Volta has no bf16
-]
-GPU_MEM_GB = [("H200", 141), ("H100", 80), ("H800", 80), ("A100-40GB", 40), ("A100", 80), ("A800", 80),
-              ("L40S", 48), ("V100-32GB", 32), ("V100", 16)]
 SLACK_GB = 2.0  # CUDA context, allocator fragmentation, NCCL buffers: what a plan must leave free
-GPUS_PER_NODE = 8  # the picker keeps a tp group inside a node; bench/roofline.py: dp crosses nodes past it
 
 
 def params_per_rank(cfg, tp):
@@ -107,42 +92,20 @@ def estimate(cfg, tp=1, dp=1, dtype="bf16"):
                 flops_per_token=flops_per_token(cfg))
 
 
-def lookup(table, gpu):
-    """The first entry of table (pairs, specific names first) whose name is part of the GPU's name, or None."""
-    return next((value for key, value in table if key.lower() in gpu.lower()), None)
-
-
-ASSUMED_MFU = 0.45  # the time estimate's MFU for a GPU that bench/roofline.py's table lacks (e.g. L40S)
-
-
-def bench(name):
-    """A module of bench/, imported on demand: bench/roofline.py imports train.py, which imports this file."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    return importlib.import_module(name)
+ASSUMED_MFU = 0.45  # the time estimate's MFU for a GPU that tools/roofline.py's table lacks (e.g. L40S)
 
 
 def projected_mfu(preset, overrides, gpu, tp, dp, dtype):
-    """(MFU, where it comes from): bench/roofline.py's projection of this layout's training step on this GPU, priced
+    """(MFU, where it comes from): tools/roofline.py's projection of this layout's training step on this GPU, priced
     from the code's own op stream (a few seconds for yuan-4.7b), or ASSUMED_MFU where its table lacks the GPU."""
-    roofline = bench("roofline")
+    from tools import roofline  # here: the roofline loads fake tensors, a plan with --mfu needs none
     key = roofline.gpu_key(gpu)
     if key is None or dtype not in roofline.GPUS[key]:
-        return ASSUMED_MFU, f"assumed; bench/roofline.py has no {dtype} figures for {gpu}"
+        return ASSUMED_MFU, f"assumed; tools/roofline.py has no {dtype} figures for {gpu}"
     cfg = make_config(preset, **overrides)
     accum = max(1, round(cfg.batch_tokens / (cfg.micro_batch * cfg.seq_len * dp)))
     r = roofline.project(preset, {**overrides, "dtype": dtype}, key, tp, dp, accum=accum)
-    return r["mfu"], f"projected by bench/roofline.py for {key}, {r['assumes'].split(':')[0]} kernels"
-
-
-def peak_flops(cfg, device):
-    """Peak FLOP/s of one device for cfg.dtype: --peak_tflops, else the PEAK_TFLOPS table, else None (CPU, unknown)."""
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    import torch  # here, not at the top: the planner itself allocates nothing and needs no GPU
-    peak = (lookup(PEAK_TFLOPS, torch.cuda.get_device_name(device)) or {}).get(cfg.dtype)
-    return peak * 1e12 if peak else None
+    return r["mfu"], f"projected by tools/roofline.py for {key}, {r['assumes'].split(':')[0]} kernels"
 
 
 def gpu_dtype(cfg, gpu):
@@ -164,7 +127,7 @@ def layouts(preset, overrides, gpus):
     bench/layouts.py share. Each row: tp, dp, zero1, the Config overrides of the run, the flags that give that
     layout on train.py's command line, and a note when it changes batch_tokens. Sequence parallelism is on wherever
     tp > 1 (it moves the same bytes as plain tensor parallelism and stores less). Where dp ranks cannot make the
-    global batch of whole micro-batches (runtime/config.grad_accum: yuan-4.7b's 512 over dp 6), the layout comes
+    global batch of whole micro-batches (run/config.grad_accum: yuan-4.7b's 512 over dp 6), the layout comes
     with --batch_tokens, the nearest multiple of micro_batch x seq_len x dp, rather than not at all."""
     rows = []
     for tp, dp, zero1 in candidates(make_config(preset, **{**overrides, "tp": 1}), gpus):
@@ -186,7 +149,7 @@ def layouts(preset, overrides, gpus):
 
 def layouts_that_fit(preset, overrides, gpu, gpus, mem_gb, rank_by_speed):
     """The layouts of `gpus` GPUs (layouts(), with their flags) that fit in mem_gb, fastest first by
-    bench/roofline.py's projection (rank_by_speed; a few seconds each, several at once: project_all), else smallest
+    tools/roofline.py's projection (rank_by_speed; a few seconds each, several at once: project_all), else smallest
     tp first."""
     rows = []
     for lay in layouts(preset, overrides, gpus):
@@ -209,6 +172,15 @@ def _projected(job):
     return projected_mfu(*job)[0]
 
 
+def _worker_signals():
+    """A projecting worker ignores Ctrl-C (it reaches this process, which ends the pool) and dies quietly of the
+    SIGTERM that ends the pool, not of train.py's start-up handler, which would print a line about a requeue."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def project_all(jobs):
     """projected_mfu of each job (its arguments), in as many processes as this machine gives us cores: each
     projection runs the training step under fake tensors, 2-3 s of one core, and they share nothing but what the
@@ -221,13 +193,12 @@ def project_all(jobs):
         return [_projected(job) for job in jobs]
     import gc
     import multiprocessing
-    import signal
     # The first one here, before the fork: what a first projection loads (torch._dynamo, fake tensors' cache of
     # shapes) is then loaded once, and every worker starts with it.
     first = _projected(jobs[0])
     gc.freeze()  # the workers' collector leaves what they inherit alone: no copies of those pages on write
     try:
-        with multiprocessing.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, _worker_signals) as pool:
             # neighbours to one worker: layouts of the same tp share most shapes, and so the fake tensors' cache
             rest = pool.map(_projected, jobs[1:], chunksize=-(-(len(jobs) - 1) // workers))
     finally:
@@ -242,17 +213,18 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
     if gpus < 1 or gpus % tp:
         raise UserError(f"--gpus {gpus:g} must be a positive multiple of --tp {tp}.")
     dp = gpus // tp
-    if lookup(GPU_MEM_GB, gpu) is None and lookup(PEAK_TFLOPS, gpu) is None and not (gpu_mem and cfg.peak_tflops):
-        known = sorted({name for name, _ in GPU_MEM_GB + PEAK_TFLOPS})
-        raise UserError(f"--gpu {gpu!r} is not a GPU tools/plan.py knows: {', '.join(known)}.\nHINT: one of those, or "
-                        f"describe yours with --gpu_mem GB and --peak_tflops TFLOPS.")
+    spec = accelerator(gpu) or {}
+    if not spec and not (gpu_mem and cfg.peak_tflops):
+        known = sorted(name for name, _ in ACCELERATORS)
+        raise UserError(f"--gpu {gpu!r} is not a GPU runtime/accelerators.py knows: {', '.join(known)}.\nHINT: one of "
+                        f"those, or describe yours with --gpu_mem GB and --peak_tflops TFLOPS.")
     dtype = gpu_dtype(cfg, gpu)
-    mem_gb = gpu_mem or lookup(GPU_MEM_GB, gpu)
-    peak = cfg.peak_tflops or (lookup(PEAK_TFLOPS, gpu) or {}).get(dtype)
+    mem_gb = gpu_mem or spec.get("mem_gb")
+    peak = cfg.peak_tflops or spec.get(dtype)
     e = estimate(cfg, tp, dp, dtype)
     total_gb = e["total_bytes"] / 1e9
     fits = None if mem_gb is None else total_gb + SLACK_GB <= mem_gb
-    # dp ranks must make batch_tokens of whole micro-batches, or train.py stops (runtime/config.grad_accum)
+    # dp ranks must make batch_tokens of whole micro-batches, or train.py stops (run/config.grad_accum)
     batch_hint = whole_batch_tokens(cfg, dp)
     whole = batch_hint == cfg.batch_tokens
     given = mfu
@@ -264,8 +236,10 @@ def plan(preset, overrides, gpus=None, gpu="H100", gpu_mem=None, mfu=None, token
         mfu, mfu_source = (mfu, "given") if mfu else projected_mfu(preset, overrides, gpu, tp, dp, dtype)
     tok_s = gpus * peak * 1e12 * mfu / e["flops_per_token"] if peak and mfu else None
     # A projection comes with its pessimistic bound: divided by the largest ratio of projection to a published
-    # measurement of a comparable code (bench/roofline.py's PESSIMISM, bench/anchors.py, bench/RESULTS.md).
-    factor = bench("roofline").PESSIMISM if mfu and mfu_source.startswith("projected") else None
+    # measurement of a comparable code (tools/roofline.py's PESSIMISM, bench/anchors.py, bench/RESULTS.md).
+    factor = None
+    if mfu and mfu_source.startswith("projected"):  # a projection: the roofline is loaded already
+        from tools.roofline import PESSIMISM as factor
     result = dict(preset=preset, gpus=gpus, gpu=gpu, tp=tp, dp=dp, dtype=dtype, micro_batch=cfg.micro_batch,
                   seq_len=cfg.seq_len, recompute=cfg.recompute, zero1=cfg.zero1,
                   sequence_parallel=cfg.sp, **e,
@@ -336,3 +310,16 @@ def report(result, cfg, e, given):
                   f"largest excess over a published measurement: bench/RESULTS.md). Projected, not measured.")
     else:
         print(f"no peak FLOP/s known for {gpu} in {dtype}: pass --peak_tflops for the time estimate")
+
+
+def plan_from_args(opts, flags, overrides):
+    """--plan: memory and time per GPU from tools/plan.py; nothing is allocated and no data is read."""
+    try:
+        gpus, mem, mfu, tokens = (None if opts[k] is None else float(opts[k]) for k in ("gpus", "gpu_mem", "mfu",
+                                                                                        "tokens"))
+    except ValueError:
+        raise UserError("--gpus, --gpu_mem, --mfu and --tokens take numbers (e.g. --gpu_mem 80 --mfu 0.45).") from None
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu} is a fraction of the peak, in (0, 1].")
+    return plan(opts["preset"], overrides, gpus=int(gpus) if gpus is not None else None, gpu=opts["gpu"] or "H100",
+                gpu_mem=mem, mfu=mfu, tokens=tokens or 1e9, as_json=flags["json"])

@@ -1,11 +1,11 @@
 """The training step's cost on a named GPU, derived from the code itself: no GPU needed (issue 10).
 
-    python bench/roofline.py --preset yuan-4.7b --gpu H200 [--tp 8] [--dp 1] [--gpus 8] [--accum N] [--json [FILE]]
+    python tools/roofline.py --preset yuan-4.7b --gpu H200 [--tp 8] [--dp 1] [--gpus 8] [--accum N] [--json [FILE]]
                              [any Config field, e.g. --micro_batch 2 --recompute full --zero1 true --compile true]
-    python bench/roofline.py --preset small --n_layer 4 --seq_len 256 --micro_batch 4 --dtype fp32 --accum 2 \
+    python tools/roofline.py --preset small --n_layer 4 --seq_len 256 --micro_batch 4 --dtype fp32 --accum 2 \
                              --gpu cpu --measure true      (validation: this CPU's own speeds, then the real step)
 
-How: one real train.build + train.train_step runs under FakeTensorMode (CPU fake tensors: shapes and
+How: one real step.build + step.train_step runs under FakeTensorMode (CPU fake tensors: shapes and
 dtypes only, nothing allocated, so yuan-4.7b takes seconds). A TorchDispatchMode records every aten op: FLOPs
 (torch.utils.flop_counter's formulas; attention by hand, below), bytes read and written, and every collective of a
 fake process group that lets this one process stand for rank 0 of tp x dp. Each op is then priced on the GPU of
@@ -63,37 +63,26 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry  # noqa: E402
 
-import train  # noqa: E402
-from runtime.errors import UserError  # noqa: E402
-from model import flops_per_token  # noqa: E402
-from runtime.config import FIELD_TYPES, make_config, parse_bool, parse_field  # noqa: E402
+import step  # noqa: E402
 from distributed import Dist  # noqa: E402
-from tools.plan import GPUS_PER_NODE, PEAK_TFLOPS, lookup  # noqa: E402
+from mixed_precision import LossScaler  # noqa: E402
+from model import Yuan, flops_per_token  # noqa: E402
+from run.config import FIELD_TYPES, make_config, parse_bool, parse_field  # noqa: E402
+from runtime.accelerators import GPUS_PER_NODE, accelerator  # noqa: E402
+from runtime.errors import UserError  # noqa: E402
 
 T, G = 1e12, 1e9
-# Fixed before any projection was made; not tuned afterwards. Peaks: dense tensor-core TFLOP/s per dtype,
-# tools/plan.py's PEAK_TFLOPS (the datasheets; train.py's MFU uses the same table; fp32: the CUDA-core rate, torch
-# does not use TF32 for matmuls unless asked). hbm, nvlink, ib: GB/s; nvlink is one direction per GPU, what NCCL's bus bandwidth is
-# measured against; ib per GPU (one NIC per GPU). Fractions: what is achieved.
-GPUS = {
-    # NVIDIA H100 SXM5 datasheet: 3.35 TB/s HBM3, NVLink 900 GB/s bidirectional; DGX H100: one ConnectX-7 NDR400
-    # (50 GB/s) per GPU.
-    "H100": dict(**lookup(PEAK_TFLOPS, "H100"), hbm=3350, nvlink=450, ib=50, sms=132, fa2="H100",
-                 **{"mm": 0.75, "attn": 0.35}),
-    # H200 datasheet: same compute as H100 SXM, 4.8 TB/s HBM3e, NVLink 900 GB/s; same NDR400 per GPU.
-    "H200": dict(**lookup(PEAK_TFLOPS, "H200"), hbm=4800, nvlink=450, ib=50, sms=132, fa2="H100",
-                 **{"mm": 0.75, "attn": 0.35}),
-    # A100 datasheet: 1,555 GB/s (40GB) / 2,039 GB/s (80GB SXM), NVLink 600 GB/s bidirectional; DGX A100: one
-    # HDR200 (25 GB/s) per GPU.
-    "A100-40GB": dict(**lookup(PEAK_TFLOPS, "A100"), hbm=1555, nvlink=300, ib=25, sms=108, fa2="A100",
-                      **{"mm": 0.80, "attn": 0.60}),
-    "A100-80GB": dict(**lookup(PEAK_TFLOPS, "A100"), hbm=2039, nvlink=300, ib=25, sms=108, fa2="A100",
-                      **{"mm": 0.80, "attn": 0.60}),
-    # V100 SXM2 datasheet: 900 GB/s HBM2, NVLink 300 GB/s bidirectional; no bf16; DGX-2 class nodes: EDR/HDR100
-    # 12.5 GB/s per GPU.
-    "V100-32GB": dict(**lookup(PEAK_TFLOPS, "V100"), hbm=900, nvlink=150, ib=12.5, sms=80,
-                      **{"mm": 0.75, "attn": 0.30}),
+# Fixed before any projection was made; not tuned afterwards. The datasheet figures (peak TFLOP/s per dtype, HBM,
+# NVLink and InfiniBand GB/s, SMs) are runtime/accelerators.py's, the table train.py's MFU uses too; fp32 peaks are
+# the CUDA-core rate (torch does not use TF32 for matmuls unless asked). mm, attn: the fractions achieved (below).
+ACHIEVED = {
+    "H100": dict(fa2="H100", mm=0.75, attn=0.35),
+    "H200": dict(fa2="H100", mm=0.75, attn=0.35),
+    "A100-40GB": dict(fa2="A100", mm=0.80, attn=0.60),
+    "A100-80GB": dict(fa2="A100", mm=0.80, attn=0.60),
+    "V100-32GB": dict(mm=0.75, attn=0.30),
 }
+GPUS = {name: {**accelerator(name), **achieved} for name, achieved in ACHIEVED.items()}
 # Achieved fractions. mm: cuBLAS on large bf16 GEMMs reaches ~70-80% of peak on H100 (NVIDIA's published GEMM
 # results, ~700-750 TFLOP/s), ~80% on A100 (~250 TFLOP/s), ~75% on V100 (~95 TFLOP/s fp16). attn (used only where
 # FA2 below has no figure: fp32, V100; kept for the record): FlashAttention-2
@@ -297,7 +286,7 @@ def fake_layout(tp, dp):
         return
     from torch.testing._internal.distributed.fake_pg import FakeStore
     if tdist.is_initialized():
-        raise UserError("bench/roofline.py sets up its own fake process group: call project() in a process that has "
+        raise UserError("tools/roofline.py sets up its own fake process group: call project() in a process that has "
                         "not initialised torch.distributed (train.py --plan does so before any).")
     tdist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp * dp)
     tp_group, dp_group = tdist.new_group(list(range(tp))), tdist.new_group(list(range(0, tp * dp, tp)))
@@ -361,7 +350,7 @@ def warm_up(opt):
 
 
 def record_step(cfg, tp, dp, micro_batches, keep_tensors=False, full_warm_up=False):
-    """Build the model and run one train.train_step of `micro_batches` under fake tensors; returns the Recorder.
+    """Build the model and run one step.train_step of `micro_batches` under fake tensors; returns the Recorder.
     Before it, unrecorded: warm_up, or with full_warm_up a whole step of one micro-batch (what warm_up stands for)."""
     cfg = replace(cfg)  # a copy: the caller's stays as it was
     cfg.compile = False  # dynamo does not trace fake tensors; --compile is priced by the fusion rule instead
@@ -371,15 +360,15 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False, full_warm_up=Fal
         # to them); every fake tensor already is on the CPU, so .to is skipped while building. A fake tensor holds no
         # values either: the weights' initialisation (model.Yuan.init_weights, no op of the step) is skipped too.
         with patched(torch.nn.Module, "to", lambda old: lambda self, *a, **k: self), rec, \
-                patched(train.Yuan, "init_weights", lambda old: lambda self, seed: None):
-            model, opt, reducer, clip_params = train.build(cfg, dist)
+                patched(Yuan, "init_weights", lambda old: lambda self, seed: None):
+            model, opt, reducer, clip_params = step.build(cfg, dist)
         rec.watch(list(model.parameters()))
-        train.resolve_dtype(cfg, dist.device)
-        scaler = train.LossScaler(enabled=cfg.dtype == "fp16")
+        step.resolve_dtype(cfg, dist.device)
+        scaler = LossScaler(enabled=cfg.dtype == "fp16")
         ids = torch.zeros(cfg.micro_batch, cfg.seq_len + 1, dtype=torch.long)
         with rec:  # one step unrecorded (phase None) first, so that AdamW's moments exist, as in every later step
             if full_warm_up:
-                train.train_step(model, opt, reducer, scaler, clip_params, 1, cfg, dist,
+                step.train_step(model, opt, reducer, scaler, clip_params, 1, cfg, dist,
                                  lambda micro: (ids[:, :-1], ids[:, 1:]))
             else:
                 warm_up(opt)
@@ -406,10 +395,11 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False, full_warm_up=Fal
         with ExitStack() as stack:
             stack.enter_context(patched(torch.Tensor, "backward", during(backward=True)))
             stack.enter_context(patched(reducer, "finish", then_step))
-            stack.enter_context(patched(scaler, "unscale_and_clip", during(optimizer=True)))
+            stack.enter_context(patched(scaler, "unscale", during(optimizer=True)))
+            stack.enter_context(patched(step, "clip_grad_norm", during(optimizer=True)))
             stack.enter_context(patched(opt, "step", during(optimizer=True)))
             stack.enter_context(rec)
-            train.train_step(model, opt, reducer, scaler, clip_params, micro_batches, cfg, dist, batch)
+            step.train_step(model, opt, reducer, scaler, clip_params, micro_batches, cfg, dist, batch)
     return rec
 
 
@@ -596,7 +586,7 @@ def project(preset, overrides=None, gpu="H100", tp=1, dp=1, accum=None, ops_out=
                 seconds_by_category={c: cats[c] for c in CATEGORIES},
                 bytes_per_token_outside_matmul_attention=bytes_other / tokens,
                 top_ops=[dict(op=k[0], shapes=k[1], s=v) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:10]],
-                assumes=("fused: consecutive non-matmul ops are one kernel (bench/roofline.py docstring)"
+                assumes=("fused: consecutive non-matmul ops are one kernel (tools/roofline.py docstring)"
                          if cfg.compile else "eager: no kernel fusion, every aten op is one kernel reading its inputs"
                          " and writing its outputs from HBM") + ("; dropout > 0: attention priced as the CPU runs it "
                                                                 "(SDPA's math path with T x T scores), not flash"
@@ -639,15 +629,15 @@ def measure_step(preset, overrides, accum, steps=3):
     """(wall seconds, CPU seconds / threads) of the real train_step on this CPU: the best of `steps` after one."""
     cfg = make_config(preset, **overrides, device="cpu")
     dist = Dist()
-    train.resolve_dtype(cfg, dist.device)
-    model, opt, reducer, clip_params = train.build(cfg, dist)
-    scaler = train.LossScaler(enabled=cfg.dtype == "fp16")
+    step.resolve_dtype(cfg, dist.device)
+    model, opt, reducer, clip_params = step.build(cfg, dist)
+    scaler = LossScaler(enabled=cfg.dtype == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1), generator=gen)
     walls, cpus = [], []
     for i in range(steps + 1):
         w, c = time.perf_counter(), time.process_time()
-        train.train_step(model, opt, reducer, scaler, clip_params, accum, cfg, dist,
+        step.train_step(model, opt, reducer, scaler, clip_params, accum, cfg, dist,
                          lambda micro: (ids[:, :-1], ids[:, 1:]))
         if i:
             walls.append(time.perf_counter() - w)

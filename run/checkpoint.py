@@ -11,10 +11,9 @@ weights) and a copy of every replicated one; the AdamW moments are shaped like t
 written at tp = T becomes one at tp = T' by concatenating each split tensor's T slices along its dimension and
 cutting the result into T' slices; the data position (seed, step) and the loss scale do not depend on the layout.
 Data parallelism needs nothing: data-parallel rank 0 writes the full optimizer state (ZeRO-1 gathers it first:
-zero1_state_dict at the end of this file).
+data_parallel.ZeroAdamW.state_dict).
 """
 import os
-import re
 import shutil
 import sys
 from dataclasses import asdict, fields, replace
@@ -23,29 +22,12 @@ import torch
 import torch.distributed as tdist
 
 from runtime.errors import UserError
-from runtime.collectives import gather_into
 from runtime.mpi import mpi_world, wait_for_every_rank
+from runtime.run_dir import ckpt_files, ckpt_name
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
 from model import ModelConfig, Yuan
 from recompute import restore_rng, rng_state
 from dataprep.tokenizer import copy_spec, load_tokenizer
-
-CKPT_RE = re.compile(r"^ckpt_(\d{7})(?:\.tp(\d+)of(\d+))?\.pt$")  # ckpt_0000100.pt, ckpt_0000100.tp1of2.pt
-
-
-def ckpt_name(step, tp=1, tp_rank=0):
-    return f"ckpt_{step:07d}.pt" if tp == 1 else f"ckpt_{step:07d}.tp{tp_rank}of{tp}.pt"
-
-
-def ckpt_files(out):
-    """[(step, tp, tp_rank, path)] of every complete checkpoint file in out (a half-written one is still *.tmp)."""
-    files = []
-    for name in os.listdir(out) if os.path.isdir(out) else []:
-        m = CKPT_RE.match(name)
-        if m:
-            files.append((int(m[1]), int(m[3] or 1), int(m[2] or 0), os.path.join(out, name)))
-    return sorted(files)
-
 
 def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=None):
     """Each tensor-parallel rank writes its own shard; only data-parallel rank 0 writes (the others hold copies).
@@ -159,7 +141,7 @@ def config_of(ckpt):
 
 def split_dims(cfg):
     """{parameter name: the dimension its tensor-parallel slices are cut along, or None for a replicated one}, and
-    the names in the optimizer's order (train.build: matrices and embeddings first, then the rest). From the model
+    the names in the optimizer's order (step.build: matrices and embeddings first, then the rest). From the model
     built on the meta device: nothing allocated."""
     with torch.device("meta"):
         model = Yuan(replace(cfg, dropout=0.0))
@@ -304,72 +286,3 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
                     (" (dropout masks of the new tp ranks differ from an uninterrupted run's)" if cfg.dropout else ""))
     dist.print0(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
     return step
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# ZeRO-1's sharded AdamW state, saved and loaded in plain AdamW's format
-
-
-def _gathered(opt, b, key):
-    """A moment of bucket b's flat buffer at full size, on the device (a collective: every dp rank must call it)."""
-    mine = opt.inner.state[b.shard][key] if b.shard in opt.inner.state else torch.zeros_like(b.shard)
-    full = torch.empty_like(b.flat)
-    if opt.dist.dp > 1:  # into the one buffer: a list of outputs would make NCCL allocate a flat copy of its own
-        gather_into(full, mine.detach(), opt.dist.dp_group)
-    else:
-        full.copy_(mine)
-    return full
-
-
-def zero1_state_dict(opt):
-    """data_parallel.ZeroAdamW's state in torch.optim.AdamW's format for the original parameters, in the original
-    groups' order: a checkpoint does not depend on --zero1. A collective: every data-parallel rank calls it; only
-    data-parallel rank 0 (the one that writes the checkpoint) keeps the moments, in host memory. They are gathered
-    one bucket's moment at a time and copied to the host before the next is gathered, so the device holds at most
-    one bucket's moment (--bucket_mb) beyond training's own memory (tools/plan.py), not the whole model's 8 bytes
-    per parameter gathered, plus their copies."""
-    index = {id(p): i for i, p in enumerate(p for g in opt.groups for p in g["params"])}
-    keep, state = opt.dist.dp_rank == 0, {}
-    for b in opt.buckets:
-        if b.shard not in opt.inner.state:
-            continue
-        for p in b.params if keep else ():
-            state[index[id(p)]] = {"step": opt.inner.state[b.shard]["step"].to("cpu", copy=True)}
-        for key in ("exp_avg", "exp_avg_sq"):
-            moment = _gathered(opt, b, key)  # [n padded]: this bucket's, on the device; every rank takes part
-            for p, o in zip(b.params, b.offsets) if keep else ():  # copy=True: a copy even on the CPU device
-                state[index[id(p)]][key] = moment[o:o + p.numel()].view_as(p).to("cpu", copy=True)
-            del moment  # freed before the next one is gathered
-    groups = []
-    for g in opt.groups:
-        groups.append({**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
-                       "weight_decay": g["weight_decay"], "params": [index[id(p)] for p in g["params"]]})
-    return {"state": state, "param_groups": groups}
-
-
-def load_zero1_state_dict(opt, sd):
-    """ZeroAdamW opt takes this rank's slice of every moment from a plain AdamW state_dict (on the host, as
-    load_checkpoint maps it). The slices are handed to the inner optimizer's own load_state_dict, which puts each
-    piece of state where that optimizer needs it: the moments on the shard's device and dtype, and `step` on the
-    device too where the optimizer is fused or capturable (torch's rule; CUDA's fused AdamW reads it there). Writing
-    host tensors into opt.inner.state directly would hand CPU tensors to a CUDA kernel."""
-    index = {id(p): i for i, p in enumerate(p for g in opt.groups for p in g["params"])}
-    D, d = opt.dist.dp, opt.dist.dp_rank
-    inner = opt.inner.state_dict()  # {"state": {bucket: ...}, "param_groups": [{..., "params": [bucket]}]}
-    state = {}
-    for j, b in enumerate(opt.buckets):
-        ids = [index[id(p)] for p in b.params]
-        if not all(i in sd["state"] for i in ids):
-            continue
-        size, st = b.flat.numel() // D, {}
-        for k in ("exp_avg", "exp_avg_sq"):
-            full = torch.zeros(b.flat.numel(), dtype=b.flat.dtype)  # [n padded], on the host
-            for p, o, i in zip(b.params, b.offsets, ids):
-                full[o:o + p.numel()].copy_(sd["state"][i][k].reshape(-1))
-            st[k] = full[d * size:(d + 1) * size].clone()
-        st["step"] = sd["state"][ids[0]]["step"].clone()
-        state[j] = st
-    kept = ("params", "weight_decay", "fused", "foreach", "capturable", "differentiable")  # this run's own kernel
-    groups = [{**g, **{k: v for k, v in sd["param_groups"][b.group].items() if k not in kept}}
-              for g, b in zip(inner["param_groups"], opt.buckets)]
-    opt.inner.load_state_dict({"state": state, "param_groups": groups})

@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, fields
 
-from model import ModelConfig
+from model import MODELS, ModelConfig
 from runtime.errors import UserError
 
 
@@ -107,28 +107,21 @@ class Config(TrainConfig, ModelConfig):  # fields: ModelConfig's, then TrainConf
         return self.sequence_parallel and self.tp > 1
 
 
-PRESETS = {
-    # vocab_size 0 = from the data; the counts in the comments use the vocabulary given here.
-    "tiny": dict(n_layer=4, n_head=6, n_embd=192, seq_len=128, vocab_size=4096,  # 2,590,848 params
-                 micro_batch=8, batch_tokens=1024, lr=2e-3, warmup_steps=50, max_steps=1000,
-                 eval_interval=200, eval_batches=32, ckpt_interval=500,  # `make demo`: ~6 min on 2 CPU cores
-                 # init_std 0.04, not 0.02: at width 192 one Adam step at lr ~1.3e-3 moved block 0's attention so
-                 # far that the loss jumped 2.3 nats at step 34 of the demo (issue 28, bench/RESULTS.md)
-                 init_std=0.04),
-    "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50304,  # 124,475,904 params
-                  micro_batch=8, batch_tokens=524288, lr=6e-4, warmup_steps=700, max_steps=19000,
+# How each preset of model.py's MODELS is trained (tests/test_model.py checks both name the same presets).
+RECIPES = {
+    "tiny": dict(micro_batch=8, batch_tokens=1024, lr=2e-3, warmup_steps=50, max_steps=1000,
+                 eval_interval=200, eval_batches=32, ckpt_interval=500),  # `make demo`: ~6 min on 2 CPU cores
+    "small": dict(micro_batch=8, batch_tokens=524288, lr=6e-4, warmup_steps=700, max_steps=19000,
                   eval_interval=500, ckpt_interval=1000),
-    "1.3b": dict(n_layer=24, n_head=16, n_embd=2048, seq_len=2048, vocab_size=53248,  # 1,321,848,832 params
-                 micro_batch=4, batch_tokens=1048576, lr=2e-4, warmup_steps=500, max_steps=1000,
+    "1.3b": dict(micro_batch=4, batch_tokens=1048576, lr=2e-4, warmup_steps=500, max_steps=1000,
                  eval_interval=100, ckpt_interval=200),
-    # ASC22: 40 layers, hidden 3072, 24 heads, FFN 12288, sequence 2048, Yuan's 53,228 tokens padded to 53,248.
-    # 1B tokens at 1M tokens per step = ~954 steps. Training fields after Yuan's published recipe
-    # (Shawn-IEITSystems/Yuan-1.0, src/pretrain_yuan_13B.sh): --weight-decay 0.01, --init-method-std 0.002,
-    # --adam-beta2 0.95 and --clip-grad 1.0 (train.py's AdamW and grad_clip already), --min-lr = lr / 10 (min_lr_ratio).
-    "yuan-4.7b": dict(n_layer=40, n_head=24, n_embd=3072, ffn_hidden=12288, seq_len=2048,  # 4,701,321,216 params
-                      vocab_size=53248, micro_batch=1, batch_tokens=1048576, lr=1.6e-4, warmup_steps=100,
-                      max_steps=954, eval_interval=100, ckpt_interval=100, weight_decay=0.01, init_std=0.002),
+    # ASC22: 1B tokens at 1M tokens per step = ~954 steps. After Yuan's published recipe (Shawn-IEITSystems/Yuan-1.0,
+    # src/pretrain_yuan_13B.sh): --weight-decay 0.01, --adam-beta2 0.95 and --clip-grad 1.0 (step.py's AdamW and
+    # grad_clip already), --min-lr = lr / 10 (min_lr_ratio).
+    "yuan-4.7b": dict(micro_batch=1, batch_tokens=1048576, lr=1.6e-4, warmup_steps=100, max_steps=954,
+                      eval_interval=100, ckpt_interval=100, weight_decay=0.01),
 }
+PRESETS = {name: {**MODELS[name], **RECIPES[name]} for name in MODELS}  # a preset: its network and its recipe
 
 
 def make_config(preset, **overrides):
@@ -205,7 +198,7 @@ def usage(doc):
     default and the comment beside it in the source."""
     lines = [doc, OPTIONS.format(presets=" | ".join(PRESETS)), "Config fields (defaults before the preset's values)"]
     for cls, what in ((ModelConfig, "the model (model.py), what a checkpoint carries"),
-                      (TrainConfig, "the run (runtime/config.py)")):
+                      (TrainConfig, "the run (run/config.py)")):
         lines.append(f"  {cls.__name__}: {what}")
         for line in inspect.getsource(cls).splitlines():
             m = re.match(r"\s+(\w+): (\w+) = ([^#]+?)\s*(?:#\s*(.*))?$", line)
@@ -283,20 +276,6 @@ def check_options(opts, flags):
         if opts[key] is None:
             raise UserError(f"--{key} is required. Presets: {', '.join(PRESETS)}." if key == "preset"
                             else f"--{key} is required.")
-
-
-def plan_from_args(opts, flags, overrides):
-    """--plan: memory and time per GPU from tools/plan.py; nothing is allocated and no data is read."""
-    from tools.plan import plan
-    try:
-        gpus, mem, mfu, tokens = (None if opts[k] is None else float(opts[k]) for k in ("gpus", "gpu_mem", "mfu",
-                                                                                        "tokens"))
-    except ValueError:
-        raise UserError("--gpus, --gpu_mem, --mfu and --tokens take numbers (e.g. --gpu_mem 80 --mfu 0.45).") from None
-    if mfu is not None and not 0 < mfu <= 1:
-        raise UserError(f"--mfu {mfu} is a fraction of the peak, in (0, 1].")
-    return plan(opts["preset"], overrides, gpus=int(gpus) if gpus is not None else None, gpu=opts["gpu"] or "H100",
-                gpu_mem=mem, mfu=mfu, tokens=tokens or 1e9, as_json=flags["json"])
 
 
 def absolute(data):
