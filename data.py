@@ -78,13 +78,9 @@ class Batches:
     PREFIX2 ...". A Megatron dataset does not record its tokenizer: `tokenizer` (a spec, e.g. yuan:vocab.txt) says
     it. Its validation data is val_data (a prefix or blend), else the last val_fraction of each prefix's sequences.
 
-    pin_memory: return x and y as contiguous tensors in page-locked (pinned) memory, so that the trainer's
-    x.to(device, non_blocking=True) is an asynchronous copy that overlaps with the GPU's work (from ordinary memory
-    it waits for the copy; so does a non-contiguous source, which ATen first copies to ordinary memory). Each batch
-    gets fresh pinned tensors: torch's pinned-memory cache does not hand a block out again until the copies that
-    read it have finished, so no batch can overwrite one still in flight. A reused buffer would save nothing that
-    matters (a micro-batch of yuan-4.7b is 16 KB of ids) and would need an event per copy to be safe. Where torch
-    sees no CUDA device there is no pinned memory: the option is then ignored with a warning."""
+    pin_memory: x and y as contiguous tensors in page-locked memory, so that the trainer's x.to(device,
+    non_blocking=True) overlaps with the GPU's work. Fresh ones per batch: torch's pinned-memory cache hands a block
+    out again only after the copies that read it have finished. Without a CUDA device it is ignored with a warning."""
 
     RELEASE_EVERY = 32  # batches between TokenShards.release() calls
 

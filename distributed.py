@@ -1,7 +1,7 @@
 """The process layout and how it starts: Dist (what every layer and the loop know about the ranks) and the MPI
 bootstrap of torch.distributed (init_distributed). The device each rank takes and rank 0's notes after the start
-are runtime/startup.py; how a command ends, every rank together (run_or_abort), is runtime/mpi.py; the tensor- and sequence-parallel layers are parallel.py; keeping the data-parallel replicas in step,
-data_parallel.py.
+are runtime/startup.py; how a command ends, every rank together (run_or_abort), runtime/mpi.py. The tensor- and
+sequence-parallel layers are parallel.py; keeping the data-parallel replicas in step, data_parallel.py.
 
 Ranks are laid out as blocks of `tp` consecutive ranks (one tensor-parallel group, kept inside a node) and the
 data-parallel groups are the strided rest (new_groups). With 8 ranks and tp=4:

@@ -23,15 +23,9 @@ What a parameter p carries, and who sets and reads it (the whole list, for mixed
     p.sequence_parallel       set by model.Yuan under sequence parallelism on replicated parameters: the gradient is
                               summed over tp (parallel.sync_sequence_parallel_grads)
     p.dp_sharded              set by data_parallel.ZeroAdamW on its shards: clip_grad_norm sums them over dp
-What it saves, per matmul weight and micro-batch (bytes moved through memory; tools/roofline.py measures the step):
-    autocast over fp32 weights: cast the weight (read 4, write 2), write its bf16 gradient (2), cast that to fp32
-                                (read 2, write 4), add it into .grad (read 8, write 4)                     26 bytes
-    this file:                  the weight-gradient GEMM reads and writes main_grad (4 + 4)                 8 bytes
-and once per step the master weights are copied into the working ones (read 4, write 2).
-Numerics: the residual stream, LayerNorm outputs and activations are bf16, as in Megatron-LM's default
-(fp32_residual_connection off); LayerNorm, softmax and GELU compute in fp32 inside their kernels, the loss takes fp32
-logits, and every update happens in fp32. Checkpoints hold the fp32 master weights under the model's own names
-(fp32_state_dict), so they load into fp32 models (sample.py) and into older code alike.
+Why: per matmul weight and micro-batch the weight-gradient GEMM reads and writes main_grad (8 bytes) where autocast
+over fp32 weights moves ~26 (docs/training.md). Every update happens in fp32; checkpoints hold the fp32 masters under
+the model's own names (fp32_state_dict), so they load into fp32 models (sample.py) too.
 """
 import sys
 

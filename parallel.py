@@ -64,8 +64,8 @@ def reduce_scatter_seq(x, dist, async_op=False):
     The collective reads block r of a [tp * B, T/tp, ...] buffer as the part that rank r receives. With B == 1 the
     contiguous [1, T, ...] is that buffer ([tp, T/tp, ...]: the T-slices in rank order), so nothing is copied; with
     B > 1 one movedim + reshape copy gathers each T-slice's batch rows together (see all_gather_seq for why).
-    gloo runs it too (internally an all-reduce that keeps this rank's slice, twice NCCL's traffic; checked on torch
-    2.13), so the CPU tests take the same path as the GPUs."""
+    gloo runs it too (as an all-reduce that keeps this rank's slice, twice NCCL's traffic), so the CPU tests take
+    the same path as the GPUs."""
     B, T = x.shape[:2]
     rest, t = x.shape[2:], T // dist.tp  # T % tp == 0: Config checks it (and the model, for each input)
     if B == 1:
@@ -149,6 +149,8 @@ def f(x, dist, sequence_parallel=False):
 
 
 def g(x, dist, sequence_parallel=False):
+    """Where a row-parallel matmul's partial sums ([B, T, C] on each rank) leave it: -> their sum [B, T, C] on every
+    rank, or under sequence parallelism this rank's [B, T/tp, C] of it."""
     if dist.tp == 1:
         return x
     return ReduceScatterToSequence.apply(x, dist) if sequence_parallel else ReduceFromTP.apply(x, dist)
@@ -170,19 +172,13 @@ class ParallelMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, dist, column, sequence_parallel):
-        device_type, ctx.dtypes = x.device.type, (x.dtype, weight.dtype)
         fuse = getattr(weight, "fuse_wgrad", False) and hasattr(weight, "main_grad")
         ctx.param = weight if fuse else None
-        if torch.is_autocast_enabled(device_type):  # what autocast does for F.linear, made explicit: the saved
-            dtype = torch.get_autocast_dtype(device_type)  # tensors are the low-precision copies
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
         ctx.dist, ctx.sp, ctx.has_bias = dist, column and sequence_parallel, bias is not None
         ctx.comm = column and dist.tp > 1
         ctx.save_for_backward(x, weight)  # x: [B, T, C], or [B, T/tp, C] under sequence parallelism
         full = all_gather_seq(x, dist) if ctx.sp else x  # [B, T, C]
-        with torch.autocast(device_type, enabled=False):
-            return F.linear(full, weight, bias)  # [B, T, out/tp]
+        return F.linear(full, weight, bias)  # [B, T, out/tp]
 
     @staticmethod
     def backward(ctx, grad):  # grad [B, T, out/tp]
@@ -194,16 +190,15 @@ class ParallelMatmul(torch.autograd.Function):
             reduce = (reduce_scatter_seq if ctx.sp else all_reduce)(grad_x.contiguous(), ctx.dist, async_op=True)
         # While the input gradient is summed over the tp group, the weight gradient is computed.
         grad_2d, full_2d = grad.reshape(-1, grad.size(-1)), full.reshape(-1, full.size(-1))  # [N, out/tp], [N, C]
-        x_dtype, w_dtype = ctx.dtypes  # gradients in the dtype of what came in, as autocast's cast would give
         if ctx.param is not None:
             accumulate_wgrad(ctx.param.main_grad, grad_2d, full_2d)  # main_grad [out/tp, C] += grad^T full
             ctx.param.grad_added_to_main_grad = True  # read by the hook that would otherwise add grad_w
             grad_w = torch.empty_like(ctx.param)  # a placeholder: never read, freed by that hook
         else:
-            grad_w = (grad_2d.t() @ full_2d).to(w_dtype)  # [out/tp, C]
-        grad_b = grad_2d.sum(0).to(w_dtype) if ctx.has_bias else None
+            grad_w = grad_2d.t() @ full_2d  # [out/tp, C]
+        grad_b = grad_2d.sum(0) if ctx.has_bias else None
         grad_x = reduce.wait() if ctx.comm else grad_x
-        return grad_x.to(x_dtype), grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def overlap_helps(weight, dist, column):
@@ -226,8 +221,8 @@ def sync_sequence_parallel_grads(params, dist):
     grads = [grad_of(p) for p in params if getattr(p, "sequence_parallel", False) and grad_of(p) is not None]
     if dist.tp == 1 or not grads:
         return
-    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), dist)
-    chunks = [c.view_as(g) for g, c in zip(grads, flat.split([g.numel() for g in grads]))]
+    flat = all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), dist)
+    chunks = [c.view_as(grad) for grad, c in zip(grads, flat.split([grad.numel() for grad in grads]))]
     torch._foreach_copy_(grads, chunks)  # one multi-tensor kernel, not a copy per parameter
 
 
@@ -280,10 +275,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias.zero_()
 
     def forward(self, x):  # [B, T, C] replicated, or this rank's [B, T/tp, C] under sequence parallelism
-        if self.overlap and overlap_helps(self.weight, self.dist, column=True):  # the same, as one step
-            return ParallelMatmul.apply(x, self.weight, self.bias, self.dist, True, self.sp)
-        x = f(x, self.dist, self.sp)  # [B, T, C] on every rank
-        return F.linear(x, self.weight, self.bias)  # [B, T, out/tp]
+        return column_parallel_matmul(x, self.weight, self.bias, self.dist, self.sp, self.overlap)  # [B, T, out/tp]
 
 
 class RowParallelLinear(nn.Module):

@@ -19,8 +19,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_dtype(cfg, device):
-    """--dtype auto: bf16 on a GPU that computes in it natively (compute capability 8.0, Ampere, and later), fp16 on
-    older ones (V100 is 7.0), as tools/plan.py gpu_dtype assumes; fp32 on the CPU. Asked of this rank's own device.
+    """Set cfg.dtype where it is "auto": bf16 on a GPU that computes in it natively (compute capability 8.0, Ampere,
+    and later), fp16 on older ones (V100 is 7.0), as tools/plan.py gpu_dtype assumes; fp32 on the CPU. Asked of
+    this rank's own device.
     Not torch.cuda.is_bf16_supported(): by default it counts emulation, so it says yes on a V100, where bf16 runs
     without tensor cores; and it asks the current device, whichever that is."""
     if cfg.dtype == "auto":
@@ -28,7 +29,6 @@ def resolve_dtype(cfg, device):
             cfg.dtype = "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
         else:
             cfg.dtype = "fp32"  # bf16 matmuls are slower than fp32 on most CPUs
-    return DTYPES[cfg.dtype]
 
 
 def build(cfg, dist):
@@ -44,14 +44,10 @@ def build(cfg, dist):
     master = cfg.dtype in ("bf16", "fp16")
     if master:  # before the reducers: its gradient hook must run before theirs
         use_master_weights(model, DTYPES[cfg.dtype])
-    # --compile: in place, so parameter names, and so checkpoints, do not change; fixed shapes (micro_batch x seq_len),
-    # so no dynamic-shape kernels. The whole model where dynamo can take its forward as one graph, so that the
-    # embedding, final LayerNorm, head and loss are compiled too. Elsewhere each block: at tp > 1 the collectives
-    # inside the autograd Functions, and under --recompute the checkpoint's generator state, break the graph inside
-    # the loop over blocks; dynamo then gives up on the model's forward and compiles only what it calls, frame by
-    # frame (torch 2.13, TORCH_LOGS=graph_breaks), which is less tested than compiling the blocks. So does bf16/fp16:
-    # the matmuls add into main_grad, a tensor from outside the graph, in their backward. The whole-model graph
-    # unrolls the blocks, so its first step compiles longer as n_layer grows.
+    # --compile: in place (parameter names, and so checkpoints, do not change), fixed shapes. The whole model where
+    # dynamo takes its forward as one graph; elsewhere each block, because the collectives (tp > 1), the generator
+    # state of recomputation and the main_grad updates (bf16/fp16) break the graph inside the loop over blocks
+    # (docs/training.md).
     if cfg.compile and dist.tp == 1 and cfg.recompute == "none" and not master:
         model.compile(dynamic=False)
     elif cfg.compile:
@@ -62,7 +58,7 @@ def build(cfg, dist):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.zero1:
         opt = ZeroAdamW(groups, dist, cfg.bucket_mb, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        return model, opt, opt, opt.shards
+        return model, opt, opt, opt.shards  # the optimizer is its own reducer; clipping sees its shards
     hyper = dict(lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     opt = MasterAdamW(groups, adamw, **hyper) if master else adamw(groups, **hyper)
     return model, opt, GradReducer(params, dist, cfg.bucket_mb), params

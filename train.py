@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from runtime.errors import require, stop_during_start_up
 
@@ -50,8 +51,26 @@ def lr_at(step, cfg):
 # The run
 
 
+@dataclass
 class Run:
-    """Everything the loop works with, set up in the order things happen (see setup)."""
+    """Everything the loop works with, made by setup in the order things happen."""
+    cfg: object  # run/config.Config: the model's and the run's fields
+    out: str  # the output directory
+    dist: object  # distributed.Dist: the process layout
+    data: Batches
+    grad_accum: int  # micro-batches per step
+    model: torch.nn.Module
+    opt: object  # AdamW, MasterAdamW (bf16/fp16) or data_parallel.ZeroAdamW (--zero1)
+    reducer: object  # data_parallel.GradReducer, or with --zero1 the ZeroAdamW itself
+    clip_params: list  # what clip_grad_norm sees: the parameters, or ZeRO-1's shards
+    scaler: LossScaler
+    step: int  # the last step done: 0, or the resumed checkpoint's
+    metrics: Metrics
+    score: Score
+    console: Console
+    floor: float  # the data's unigram entropy, the best loss without context (rank 0; NaN elsewhere)
+    peak: object  # the device's peak FLOP/s, or None where unknown (a CPU)
+    flops: float  # model FLOPs per token
 
 
 def open_data(cfg, opts, dist):
@@ -79,36 +98,35 @@ def size_vocab(cfg, tokenizer, out, resumed, given):
 
 def setup(opts, flags, overrides):
     """Config, processes, data, vocabulary, the output directory, model and optimizer, resume, the run's records."""
-    r = Run()
-    r.cfg = cfg = make_config(opts["preset"], **overrides)
-    r.out = out = opts["out"]
-    r.dist = dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface)
+    cfg, out = make_config(opts["preset"], **overrides), opts["out"]
+    dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface)
     fitted = fit_schedule(cfg, overrides)  # a preset's warm-up longer than --max_steps, scaled to the run
     if fitted:
         dist.print0(fitted)
     resolve_dtype(cfg, dist.device)  # "auto" becomes the device's dtype
-    r.data, r.grad_accum = open_data(cfg, opts, dist)
-    size_vocab(cfg, r.data.tokenizer, out, flags["resume"], "vocab_size" in overrides)
+    data, accum = open_data(cfg, opts, dist)
+    size_vocab(cfg, data.tokenizer, out, flags["resume"], "vocab_size" in overrides)
     # Only now touch --out: a mistake above must not cost the earlier run.
     prepare_out_dir(out, flags["resume"], flags["overwrite"], dist)
     if dist.rank == 0:
-        save_copy(r.data.tokenizer_spec, r.data.tokenizer, out)  # beside the checkpoints, for sample.py
-    r.model, r.opt, r.reducer, r.clip_params = build(cfg, dist)
-    r.scaler = LossScaler(enabled=cfg.dtype == "fp16")
-    r.step = resume(out, r.model, r.opt, r.scaler, cfg, r.data.tokenizer, dist) if flags["resume"] else 0
-    tensorboard = cfg.tensorboard and (True if "tensorboard" in overrides else None)  # None: if installed
-    r.metrics = Metrics(out, r.step, enabled=dist.rank == 0, tensorboard=tensorboard)
-    r.score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
-    if r.step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
-        save_record(out, cfg, opts, r.data.tokenizer_spec)  # OUT/config.json
-    announce(opts["preset"], cfg, dist, r.model, r.grad_accum)  # the layout, on the console
+        save_copy(data.tokenizer_spec, data.tokenizer, out)  # beside the checkpoints, for sample.py
+    model, opt, reducer, clip_params = build(cfg, dist)
+    scaler = LossScaler(enabled=cfg.dtype == "fp16")
+    step = resume(out, model, opt, scaler, cfg, data.tokenizer, dist) if flags["resume"] else 0
+    # --tensorboard true: the package must be there; false: off; not given (None): on where it is installed
+    tensorboard = cfg.tensorboard if "tensorboard" in overrides else None
+    metrics = Metrics(out, step, enabled=dist.rank == 0, tensorboard=tensorboard)
+    score = Score(cfg.target_loss, out, enabled=dist.rank == 0)  # --target_loss: ASC22's accuracy condition
+    if step == 0 and dist.rank == 0:  # a record for people; on resume the checkpoint's config is the one that counts
+        save_record(out, cfg, opts, data.tokenizer_spec)  # OUT/config.json
+    announce(opts["preset"], cfg, dist, model, accum)  # the layout, on the console
     # the loss of the best model that ignores context (up to 10M tokens read): computed once, by rank 0, which prints it
-    r.floor = r.data.unigram_entropy() if dist.rank == 0 else float("nan")
-    dist.print0(f"unigram entropy of the data {r.floor:.4f} nats/token: the best loss without context")
+    floor = data.unigram_entropy() if dist.rank == 0 else float("nan")
+    dist.print0(f"unigram entropy of the data {floor:.4f} nats/token: the best loss without context")
     # a bar on a terminal, plain lines in a batch log; its clock runs on across --resume, as the score's does
-    r.console = Console(cfg, r.step, enabled=dist.rank == 0, elapsed=r.score.elapsed)
-    r.peak, r.flops = peak_flops(cfg, dist.device), flops_per_token(cfg)
-    return r
+    console = Console(cfg, step, enabled=dist.rank == 0, elapsed=score.elapsed)
+    return Run(cfg, out, dist, data, accum, model, opt, reducer, clip_params, scaler, step, metrics, score, console,
+               floor, peak_flops(cfg, dist.device), flops_per_token(cfg))
 
 
 def evaluate(r):

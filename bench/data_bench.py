@@ -30,7 +30,7 @@ from data import Batches  # noqa: E402
 from dataprep.prepare import prepare  # noqa: E402
 from dataprep.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
-H100_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), as in train.PEAK_TFLOPS
+H100_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), as in runtime/accelerators.py
 
 
 def make_corpus(path, mb):

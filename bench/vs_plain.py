@@ -6,6 +6,7 @@ The two alternate step by step, so that both see the same machine state. Run by 
     python bench/vs_plain.py [--preset small] [--seq_len 256] [--micro_batch 4] [--steps 5] [--dtype fp32]
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -19,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 from run.config import make_config  # noqa: E402
 from distributed import Dist  # noqa: E402
 from mixed_precision import LossScaler  # noqa: E402
-from step import build, resolve_dtype, train_step  # noqa: E402
+from step import DTYPES, build, resolve_dtype, train_step  # noqa: E402
 
 
 class PlainBlock(nn.Module):
@@ -78,12 +79,14 @@ def main():
     p.add_argument("--n_layer", type=int, default=0, help="fewer layers than the preset (0: the preset's)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--steps", type=int, default=5, help="timed steps of each, after one warm-up step of each")
+    p.add_argument("--json", default="", help="also write the figures to this file, one JSON object")
     args = p.parse_args()
     extra = {"n_layer": args.n_layer} if args.n_layer else {}
     cfg = make_config(args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch, dtype=args.dtype,
                       batch_tokens=args.seq_len * args.micro_batch, **extra)
     dist = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(cfg, dist.device)
+    resolve_dtype(cfg, dist.device)
+    dtype = DTYPES[cfg.dtype]
     # the plain model as plain PyTorch code runs it: fp32 weights under autocast (ours holds bf16 working weights)
     autocast = torch.autocast(dist.device.type, dtype=dtype, enabled=cfg.dtype != "fp32")
 
@@ -95,7 +98,7 @@ def main():
     plain_opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=opt.defaults.get("fused") or None)
-    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in ours.parameters())
+    params = {"nanoyuan": sum(p.numel() for p in ours.parameters()), "plain": sum(p.numel() for p in plain.parameters())}
 
     ids = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1)).to(dist.device)
     x, y = ids[:, :-1], ids[:, 1:]
@@ -117,11 +120,14 @@ def main():
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     device = torch.cuda.get_device_name() if dist.device.type == "cuda" else \
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"{args.preset} ({sum(p.numel() for p in ours.parameters()):,} params), {cfg.micro_batch} x {cfg.seq_len} "
+    print(f"{args.preset} ({params['nanoyuan']:,} params, the plain model {params['plain']:,}), {cfg.micro_batch} x {cfg.seq_len} "
           f"tokens per step, {cfg.dtype}, {device}, torch {torch.__version__}, median of {args.steps} steps")
     for name, r in rate.items():
         print(f"  {name:<9} {r:>10,.1f} tokens/s   {tokens / r:.3f} s/step")
     print(f"  nanoyuan / plain = {rate['nanoyuan'] / rate['plain']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"params": params, "tokens_per_s": rate, "steps": args.steps, "dtype": cfg.dtype}, f)
 
 
 if __name__ == "__main__":

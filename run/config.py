@@ -45,7 +45,7 @@ class TrainConfig:
     time_limit_min: float = 0.0  # checkpoint and exit (code 75) before this many minutes of wall time; 0: no limit
     signal_grace_s: float = 5.0  # a stop signal this soon after the first is its copy; later, it means: exit now
     max_skipped_steps: int = 25  # stop after this many consecutive steps skipped for non-finite gradients
-    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in PEAK_TFLOPS
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 means look the device up in runtime/accelerators.py
     device: str = ""  # cpu | cuda | cuda:N; empty means cuda when available
     # --- parallelism (parallel.py, data_parallel.py) ---
     collective_timeout_s: float = 300.0  # a rank that does not arrive in a collective this long ends the job

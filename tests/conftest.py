@@ -68,3 +68,12 @@ def prepared(corpus, tokenizer, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data") / "sanguo30")
     run("data.py", "prepare", "--input", corpus, "--tokenizer", tokenizer, "--out", out, "--val-fraction", 0.2)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference(prepared, tmp_path_factory):
+    """Five steps of SMALL in one process: the numbers every parallel layout must reproduce (helpers.losses)."""
+    from helpers import losses
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 5)
+    return losses(out)

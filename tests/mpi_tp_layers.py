@@ -153,18 +153,18 @@ def main():
     sync_sequence_parallel_grads([row.bias], dist)
     close("sequence-parallel row grad bias, summed over tp", row.bias.grad, bias.grad)
 
-    # The fused column matmul under bf16 autocast against the textbook f then F.linear.
-    x = torch.randn(2, 5 * tp, 13, requires_grad=True)
+    # The fused column matmul in bf16 (working weights, as the trainer runs it) against the textbook f then F.linear.
+    x = torch.randn(2, 5 * tp, 13, dtype=torch.bfloat16, requires_grad=True)
     w_out = torch.randn(2, 5 * tp, 7)
     col = ColumnParallelLinear(13, 7 * tp, dist)
     col.reset_parameters(0.02, seed=1)
+    col.to(torch.bfloat16)
     w_ref, b_ref = (t.detach().clone().requires_grad_() for t in (col.weight, col.bias))
-    with torch.autocast(dist.device.type, dtype=torch.bfloat16):
-        y, y_ref = col(x), F.linear(f(x, dist), w_ref, b_ref)
+    y, y_ref = col(x), F.linear(f(x, dist), w_ref, b_ref)
     (y.float() * w_out).sum().backward()
     x_grad, x.grad = x.grad, None
     (y_ref.float() * w_out).sum().backward()
-    assert y.dtype == torch.bfloat16 and col.weight.grad.dtype == x_grad.dtype == torch.float32
+    assert y.dtype == col.weight.grad.dtype == x_grad.dtype == torch.bfloat16
     close("fused column matmul, bf16 forward", y.float(), y_ref.float())
     close("fused column matmul, bf16 grad x", x_grad, x.grad, rtol=1e-2, atol=1e-3)
     close("fused column matmul, bf16 grad weight", col.weight.grad, w_ref.grad, rtol=1e-2, atol=1e-3)

@@ -173,10 +173,6 @@ def test_bad_input_is_a_clean_error(outcomes, i):
     assert after == before  # nothing earlier is lost or added
 
 
-def test_there_are_at_least_40():
-    assert len({(c[0], tuple(c[1])) for c in CASES}) >= 40
-
-
 def test_vocab_txt_without_a_kind(tokenizer, tmp_path):
     """A vocab.txt given without yuan: or bert: is recognised, and the HINT says which prefix fits it; a file that is
     not a WordPiece vocabulary (a .tiktoken rank file without its .json, plain text) keeps the message about the

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_parallel import MPIEXEC
+from helpers import MPIEXEC
 
 LAUNCHER = MPIEXEC if os.path.exists(MPIEXEC) else shutil.which("mpiexec")
 pytestmark = [pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),

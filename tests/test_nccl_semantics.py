@@ -16,7 +16,7 @@ from data_parallel import ZeroAdamW
 from distributed import Dist
 from mixed_precision import MasterAdamW, use_master_weights
 from data_parallel import adamw
-from test_parallel import MPIEXEC, needs_mpiexec
+from helpers import MPIEXEC, needs_mpiexec
 
 
 class FakeWork:

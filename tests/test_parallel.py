@@ -6,16 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-# `make test` installs MPICH into the venv, so mpiexec is there; the GPU machines' python may have none.
-needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason=f"no {MPIEXEC} (MPICH from the venv)")
-
-
-def mpirun(n, *args, timeout=60):
-    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-
+from helpers import mpirun, needs_mpiexec
 
 @needs_mpiexec
 @pytest.mark.parametrize("n, tp", [(2, 2), (4, 2), (4, 4)])

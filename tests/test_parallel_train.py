@@ -8,34 +8,9 @@ import time
 import pytest
 
 from conftest import ROOT, SMALL, read_metrics, run
-from test_parallel import MPIEXEC, needs_mpiexec
+from helpers import MPIEXEC, losses, mpi_train, needs_mpiexec
 
-TRAIN = os.path.join(ROOT, "train.py")
 pytestmark = needs_mpiexec
-
-
-def mpi_train(n, *args, check=True):
-    proc = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, TRAIN, *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mpiexec -n {n} train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def losses(out):
-    """Training losses, validation losses and gradient norms (the norm checks clipping across ranks: sharded
-    parameters summed over the tp group, replicated ones counted once)."""
-    rows = read_metrics(out)
-    return ([r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r],
-            [r["grad_norm"] for r in rows if "grad_norm" in r])
-
-
-@pytest.fixture(scope="module")
-def reference(prepared, tmp_path_factory):
-    """Five steps in one process: the numbers every layout must reproduce."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    run("train.py", *SMALL, "--data", prepared, "--out", out, "--max_steps", 5)
-    return losses(out)
 
 
 SP = ["--sequence_parallel", "true"]

@@ -13,7 +13,7 @@ from model import Yuan, count_params
 from run.config import make_config
 from distributed import Dist
 from tools.plan import estimate, params_per_rank
-from test_parallel import MPIEXEC, needs_mpiexec
+from helpers import MPIEXEC, needs_mpiexec
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])

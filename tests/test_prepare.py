@@ -15,7 +15,7 @@ from data import Batches
 from dataprep.shards import open_tokens
 from runtime.errors import UserError
 from dataprep.prepare import prepare
-from test_parallel import MPIEXEC, needs_mpiexec
+from helpers import MPIEXEC, needs_mpiexec
 from dataprep.tokenizer import load_tokenizer, train_tokenizer
 
 SANGUO = os.path.join(ROOT, "corpus", "sanguo.txt")

@@ -14,9 +14,7 @@ import pytest
 
 import slurm
 from conftest import ROOT, SMALL
-from test_parallel import MPIEXEC, needs_mpiexec
-from test_multihost import OPENMPI
-from test_stopping import train_rows as rows  # (step, loss, grad_norm) of each training row in metrics.jsonl
+from helpers import MPIEXEC, OPENMPI, needs_mpiexec, train_rows as rows
 
 PY, TRAIN = sys.executable, os.path.join(ROOT, "train.py")
 pytestmark = needs_mpiexec

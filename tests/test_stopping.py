@@ -13,13 +13,9 @@ import pytest
 
 from conftest import ROOT, SMALL, read_metrics, run
 from runtime.stopping import NOW, judge
-from test_parallel import MPIEXEC, needs_mpiexec
+from helpers import MPIEXEC, needs_mpiexec, train_rows
 
 TRAIN = os.path.join(ROOT, "train.py")
-
-
-def train_rows(out):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
 
 
 def start(cmd, out, rows=3):
