@@ -192,11 +192,13 @@ class ZeroAdamW:
 
     def __init__(self, groups, dist, bucket_mb=25.0, **hyper):
         self.dist, self.groups, self.pending = dist, groups, {}
-        runs = [[p for p in g["params"] if getattr(p, "tp_sharded", False) == tp_kind]
-                for g in groups for tp_kind in (True, False)]  # run i: group i // 2, tp-sharded when i is even
+        # a run of parameters for each optimizer group and kind (tp-sharded or replicated): a bucket holds one kind
+        kinds = [(group, tp_kind) for group in range(len(groups)) for tp_kind in (True, False)]
+        runs = [[p for p in groups[group]["params"] if getattr(p, "tp_sharded", False) == tp_kind]
+                for group, tp_kind in kinds]
         self.buckets = Buckets(runs, bucket_mb, self._launch)
         for b in self.buckets:
-            self._pack(b, b.run // 2, b.run % 2 == 0)
+            self._pack(b, *kinds[b.run])
             home_main_grads(b, dist.dp)  # under master weights: the reduce-scatter's input, in place
         self.inner = adamw([{"params": [b.shard], "weight_decay": groups[b.group]["weight_decay"]}
                             for b in self.buckets], **hyper)

@@ -39,18 +39,27 @@ class Dist:
     dp_group: object = None
     device: torch.device = torch.device("cpu")
     timeout_s: float = 300.0  # how long a collective waits for a rank (init_distributed's timeout_s)
+    sequence_parallel: bool = False  # outside the matmuls each tp rank holds T/tp tokens (only where tp > 1)
+    overlap: bool = True  # tp matmuls as parallel.ParallelMatmul: the same numbers, communication hidden in backward
     rng: "TPRandom" = field(default=None, compare=False)  # dropout generator of this tensor-parallel rank
 
     def __post_init__(self):
+        self.sequence_parallel = self.sequence_parallel and self.tp > 1
         if self.rng is None:
             self.rng = TPRandom(self.tp, self.tp_rank, self.device)
+
+    def split(self, n, what, hint=""):
+        """n // tp, this rank's share of n (heads, a matmul's features, vocabulary rows), which must split evenly."""
+        if n % self.tp:
+            raise UserError(f"{what} {n} is not divisible by tensor-parallel size {self.tp}." + (hint and f"\n{hint}"))
+        return n // self.tp
 
     def print0(self, *args, **kwargs):
         if self.rank == 0:
             print(*args, **kwargs, flush=True)
 
 
-def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
+def init_distributed(tp=1, device="", timeout_s=300.0, iface="", sequence_parallel=False, overlap=True):
     """Bootstrap torch.distributed from MPI. Rank and world size come from COMM_WORLD, the local rank (and which
     ranks share a host) from a shared-memory split; the rendezvous address and each rank's network interface from
     runtime/rendezvous.py (MASTER_ADDR/MASTER_PORT, --iface and GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME override).
@@ -70,7 +79,7 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
                         f"or pick --tp among the divisors of {world}.", shared=True)
     check_device(device)
     if world == 1:
-        return Dist(device=pick_device(device))
+        return Dist(device=pick_device(device), overlap=overlap)
     rank = comm.Get_rank()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_world = local.Get_rank(), local.Get_size()
@@ -91,7 +100,7 @@ def init_distributed(tp=1, device="", timeout_s=300.0, iface=""):
     tp_group, dp_group = new_groups(world, tp, rank, timeout)
     dist = Dist(rank=rank, world=world, local_rank=local_rank, local_world=local_world, tp=tp, tp_rank=rank % tp,
                 tp_group=tp_group, dp=world // tp, dp_rank=rank // tp, dp_group=dp_group, device=dev,
-                timeout_s=timeout_s)
+                timeout_s=timeout_s, sequence_parallel=sequence_parallel, overlap=overlap)
     notes_after_start(dist, hosts, f"{addr}:{port}", backend, kept, queues)  # runtime/startup.py
     return dist
 

@@ -20,7 +20,7 @@ from distributed import Dist
 from runtime.errors import UserError
 from parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_matmul,
                       full_normal, vocab_parallel_cross_entropy)
-from recompute import checkpoint
+from recompute import recomputed
 
 
 @dataclass
@@ -100,12 +100,12 @@ class Dropout(nn.Dropout):
     activations and must drop the same entries: the global generator, seeded alike on every rank. Under sequence
     parallelism each rank holds its own tokens, so masks come from the rank's own generator (dist.rng.fork())."""
 
-    def __init__(self, p, dist, sequence_parallel):
+    def __init__(self, p, dist):
         super().__init__(p)
-        self.dist, self.sp = dist, sequence_parallel
+        self.dist = dist
 
     def forward(self, x):
-        if not self.sp or not self.training or self.p == 0:
+        if not self.dist.sequence_parallel or not self.training or self.p == 0:
             return super().forward(x)
         with self.dist.rng.fork():
             return super().forward(x)
@@ -115,55 +115,56 @@ class Attention(nn.Module):
     """Causal self-attention. Under tensor parallelism each rank owns n_head / tp whole heads: the QKV projection is
     column-split (its output columns are grouped per head), the output projection row-split."""
 
-    def __init__(self, cfg, dist, sp, overlap, recompute):
+    def __init__(self, cfg, dist, recompute):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout, self.dist = cfg.n_head // dist.tp, cfg.head_dim, cfg.dropout, dist
+        self.local_heads = dist.split(cfg.n_head, "n_head")  # this rank's heads: n_head / tp
+        self.head_dim, self.dropout, self.dist = cfg.head_dim, cfg.dropout, dist
         self.recompute = recompute == "selective"
         # fused Q, K, V of this rank's heads; the output projection, its partial sums reduced
-        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist, sp, overlap)
-        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist, sp, overlap)
-        self.resid_drop = Dropout(cfg.dropout, dist, sp)
+        self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, dist)
+        self.proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, dist)
+        self.resid_drop = Dropout(cfg.dropout, dist)
 
     def core(self, qkv):
         """softmax(q k^T / sqrt(hd)) v over this rank's heads: [B, T, 3C/tp] -> [B, T, C/tp]. No weights, so
         recomputing it (--recompute selective) costs no matmul with parameters."""
         B, T, _ = qkv.shape
         # Per head the layout is [q | k | v] so that a tensor-parallel shard of whole heads is a contiguous slice.
-        qkv = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # [B, nh/tp, T, 3hd]
+        qkv = qkv.view(B, T, self.local_heads, 3 * self.head_dim).transpose(1, 2)  # [B, nh/tp, T, 3hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 x [B, nh/tp, T, hd]
         with self.dist.rng.fork():  # dropout on this rank's own heads draws from this rank's own generator
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)  # [B, nh/tp, T, hd]
-        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, C/tp]
+        return y.transpose(1, 2).reshape(B, T, self.local_heads * self.head_dim)  # [B, T, C/tp]
 
     def cached_core(self, qkv, cache):
         """Generation's core (one process): the new tokens' queries over the cached keys and values and their own.
         cache: this layer's {"k", "v": [B, nh, seq_len, hd], "n": tokens held}, extended in place."""
         B, T, _ = qkv.shape
-        q, k, v = qkv.view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
+        q, k, v = qkv.view(B, T, self.local_heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
         n = cache["n"]
         if T > 1 and n:  # is_causal below aligns the mask top-left, right only when the cache starts empty
             raise ValueError("feed several tokens only into an empty cache, then one at a time")
         cache["k"][:, :, n:n + T], cache["v"][:, :, n:n + T] = k, v
         cache["n"] = n + T
         y = F.scaled_dot_product_attention(q, cache["k"][:, :, :n + T], cache["v"][:, :, :n + T], is_causal=T > 1)
-        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # [B, T, C]
+        return y.transpose(1, 2).reshape(B, T, self.local_heads * self.head_dim)  # [B, T, C]
 
     def forward(self, x, cache=None):
         qkv = self.qkv(x)  # [B, T, C] (sequence parallel: [B, T/tp, C], gathered inside) -> [B, T, 3C/tp]
         if cache is not None:
             y = self.cached_core(qkv, cache)
         else:
-            y = checkpoint(self.core, self.dist, qkv) if self.recompute and self.training else self.core(qkv)
+            y = recomputed(self.core, self.dist, qkv) if self.recompute and self.training else self.core(qkv)
         return self.resid_drop(self.proj(y))  # [B, T, C] replicated (sequence parallel: [B, T/tp, C])
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, dist, sp, overlap):
+    def __init__(self, cfg, dist):
         super().__init__()
-        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist, sp, overlap)  # up
-        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist, sp, overlap)  # down
-        self.drop = Dropout(cfg.dropout, dist, sp)
+        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_hidden, dist)  # up
+        self.proj = RowParallelLinear(cfg.ffn_hidden, cfg.n_embd, dist)  # down
+        self.drop = Dropout(cfg.dropout, dist)
 
     def forward(self, x):  # [B, T, C] -> [B, T, F/tp] -> [B, T, C]  (sequence parallel: T/tp outside)
         return self.drop(self.proj(F.gelu(self.fc(x))))
@@ -172,12 +173,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg, dist, sp, overlap, recompute):
+    def __init__(self, cfg, dist, recompute):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.attn = Attention(cfg, dist, sp, overlap, recompute)
+        self.attn = Attention(cfg, dist, recompute)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
-        self.mlp = MLP(cfg, dist, sp, overlap)
+        self.mlp = MLP(cfg, dist)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
@@ -186,27 +187,22 @@ class Block(nn.Module):
 
 class Yuan(nn.Module):
     """cfg: the ModelConfig. How the network is laid out on the processes, which changes no result: dist (the
-    tensor-parallel group that splits every layer), sequence_parallel, overlap (parallel.py) and recompute (none |
-    selective | full); seed draws the initial weights."""
+    tensor-parallel group that splits every layer, with or without sequence parallelism and --overlap) and
+    recompute (none | selective | full); seed draws the initial weights."""
 
-    def __init__(self, cfg, dist=None, sequence_parallel=False, overlap=True, recompute="none", seed=1234):
+    def __init__(self, cfg, dist=None, recompute="none", seed=1234):
         super().__init__()
         if cfg.vocab_size < 1:
             raise UserError("vocab_size is not set: pass --vocab_size N or let train.py take it from the data.")
-        self.cfg, self.dist = cfg, dist or Dist()
-        tp = self.dist.tp
-        if cfg.n_head % tp or cfg.ffn_hidden % tp:
-            raise UserError(f"n_head = {cfg.n_head} and ffn_hidden = {cfg.ffn_hidden} must both be divisible by "
-                            f"tp = {tp}.")
-        self.sp, self.recompute, self.overlap = sequence_parallel and tp > 1, recompute, overlap
-        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist, self.sp)  # also the LM head (tied)
+        self.cfg, self.dist, self.recompute = cfg, dist or Dist(), recompute
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd, self.dist)  # also the LM head (tied)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # learned absolute positions (replicated)
-        self.drop = Dropout(cfg.dropout, self.dist, self.sp)
-        self.blocks = nn.ModuleList(Block(cfg, self.dist, self.sp, overlap, recompute) for _ in range(cfg.n_layer))
+        self.drop = Dropout(cfg.dropout, self.dist)
+        self.blocks = nn.ModuleList(Block(cfg, self.dist, recompute) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layernorm_eps)
         self.init_weights(seed)
-        if self.sp:  # every replicated parameter now sees only this rank's tokens: its gradient is summed over tp
-            for p in self.parameters():  # (parallel.sync_sequence_parallel_grads, called by the gradient reducer)
+        if self.dist.sequence_parallel:  # a replicated parameter sees only this rank's tokens: its gradient is summed
+            for p in self.parameters():  # over tp (parallel.sync_sequence_parallel_grads, called by the reducers)
                 p.sequence_parallel = not getattr(p, "tp_sharded", False)
 
     @torch.no_grad()
@@ -234,7 +230,7 @@ class Yuan(nn.Module):
         if past + T > self.cfg.seq_len:
             raise UserError(f"sequence of {past + T} tokens is longer than seq_len = {self.cfg.seq_len}.")
         pos = torch.arange(past, past + T, device=idx.device)
-        if self.sp:  # the residual stream holds this rank's slice of the sequence: [B, T/tp, C] up to the head
+        if self.dist.sequence_parallel:  # the residual stream holds this rank's slice of the sequence up to the head
             if T % self.dist.tp:
                 raise UserError(f"sequence parallelism needs sequences divisible by tp = {self.dist.tp}, got {T}.")
             pos = pos.chunk(self.dist.tp)[self.dist.tp_rank]
@@ -243,10 +239,10 @@ class Yuan(nn.Module):
             if cache is not None:
                 x = block(x, cache[i])
             else:
-                x = checkpoint(block, self.dist, x) if self.recompute == "full" and self.training else block(x)
+                x = recomputed(block, self.dist, x) if self.recompute == "full" and self.training else block(x)
         x = self.ln_f(x)
         # the tied head: [B, T, V/tp]
-        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist, self.sp, self.overlap)
+        logits = column_parallel_matmul(x, self.wte.weight, None, self.dist)
         if targets is None:
             return logits, None
         loss = vocab_parallel_cross_entropy(logits.view(B * T, -1), targets.reshape(-1), self.dist, self.wte.start)

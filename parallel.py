@@ -11,7 +11,6 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime.errors import UserError
 from mixed_precision import accumulate_wgrad, grad_of
 from runtime.collectives import Pending, gather_into, scatter_sum_into
 
@@ -140,20 +139,20 @@ class ReduceScatterToSequence(torch.autograd.Function):
         return all_gather_seq(grad, ctx.dist), None
 
 
-def f(x, dist, sequence_parallel=False):
+def f(x, dist):
     """Where a replicated activation ([B, T, C]; under sequence parallelism this rank's [B, T/tp, C]) enters a
     column-parallel matmul: -> [B, T, C] on every rank."""
     if dist.tp == 1:
         return x
-    return GatherFromSequence.apply(x, dist) if sequence_parallel else CopyToTP.apply(x, dist)
+    return GatherFromSequence.apply(x, dist) if dist.sequence_parallel else CopyToTP.apply(x, dist)
 
 
-def g(x, dist, sequence_parallel=False):
+def g(x, dist):
     """Where a row-parallel matmul's partial sums ([B, T, C] on each rank) leave it: -> their sum [B, T, C] on every
     rank, or under sequence parallelism this rank's [B, T/tp, C] of it."""
     if dist.tp == 1:
         return x
-    return ReduceScatterToSequence.apply(x, dist) if sequence_parallel else ReduceFromTP.apply(x, dist)
+    return ReduceScatterToSequence.apply(x, dist) if dist.sequence_parallel else ReduceFromTP.apply(x, dist)
 
 
 class ParallelMatmul(torch.autograd.Function):
@@ -171,10 +170,10 @@ class ParallelMatmul(torch.autograd.Function):
                     embedding's gradient, and a placeholder summed with it would be garbage."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dist, column, sequence_parallel):
+    def forward(ctx, x, weight, bias, dist, column):
         fuse = getattr(weight, "fuse_wgrad", False) and hasattr(weight, "main_grad")
         ctx.param = weight if fuse else None
-        ctx.dist, ctx.sp, ctx.has_bias = dist, column and sequence_parallel, bias is not None
+        ctx.dist, ctx.sp, ctx.has_bias = dist, column and dist.sequence_parallel, bias is not None
         ctx.comm = column and dist.tp > 1
         ctx.save_for_backward(x, weight)  # x: [B, T, C], or [B, T/tp, C] under sequence parallelism
         full = all_gather_seq(x, dist) if ctx.sp else x  # [B, T, C]
@@ -198,7 +197,7 @@ class ParallelMatmul(torch.autograd.Function):
             grad_w = grad_2d.t() @ full_2d  # [out/tp, C]
         grad_b = grad_2d.sum(0) if ctx.has_bias else None
         grad_x = reduce.wait() if ctx.comm else grad_x
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def overlap_helps(weight, dist, column):
@@ -207,12 +206,12 @@ def overlap_helps(weight, dist, column):
     return (column and dist.tp > 1) or hasattr(weight, "main_grad")
 
 
-def column_parallel_matmul(x, weight, bias, dist, sequence_parallel=False, overlap=True):
+def column_parallel_matmul(x, weight, bias, dist):
     """f, then the local matmul: [B, T, C] replicated (or [B, T/tp, C] under sequence parallelism) -> [B, T, out/tp].
     ColumnParallelLinear and the tied LM head (model.py) both run it."""
-    if overlap and overlap_helps(weight, dist, column=True):
-        return ParallelMatmul.apply(x, weight, bias, dist, True, sequence_parallel)  # the same, overlapped
-    return F.linear(f(x, dist, sequence_parallel), weight, bias)
+    if dist.overlap and overlap_helps(weight, dist, column=True):
+        return ParallelMatmul.apply(x, weight, bias, dist, True)  # the same, overlapped
+    return F.linear(f(x, dist), weight, bias)
 
 
 def sync_sequence_parallel_grads(params, dist):
@@ -245,11 +244,11 @@ def init_shard(weight, std, seed, dist, dim):
         weight.copy_(shard(full_normal(shape, std, seed), dist, dim))
 
 
-def _sharded(shape, dim, dist):
+def _sharded(shape, dim, dist, what, hint=""):
     """An uninitialised parameter of this rank's slice of `shape`, marked so that gradient clipping sums it over
-    the tensor-parallel group (see clip_grad_norm)."""
+    the tensor-parallel group (see clip_grad_norm). what: the size split, for the error when it does not split."""
     local = list(shape)
-    local[dim] //= dist.tp
+    local[dim] = dist.split(shape[dim], what, hint)
     p = nn.Parameter(torch.empty(local))
     p.tp_sharded, p.tp_dim = True, dim  # tp_dim: where run/checkpoint.py merges and cuts the slices
     return p
@@ -258,16 +257,14 @@ def _sharded(shape, dim, dist):
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: A = [A_1 ... A_tp]; rank r computes Y_r = f(X) A_r + b_r.
     Input [B, T, C] replicated (sequence parallel: [B, T/tp, C]) -> output [B, T, out/tp], sharded (fed to a
-    RowParallelLinear, never gathered). overlap: run f and the matmul as ParallelMatmul, the same arithmetic."""
+    RowParallelLinear, never gathered). dist.overlap: f and the matmul as ParallelMatmul, the same arithmetic."""
 
-    def __init__(self, in_features, out_features, dist, sequence_parallel=False, overlap=True):
+    def __init__(self, in_features, out_features, dist):
         super().__init__()
-        if out_features % dist.tp:
-            raise UserError(f"output size {out_features} is not divisible by tensor-parallel size {dist.tp}.")
-        self.dist, self.sp, self.overlap = dist, sequence_parallel, overlap
-        self.weight = _sharded((out_features, in_features), 0, dist)  # torch's [out, in] layout: split rows
+        self.dist = dist
+        self.weight = _sharded((out_features, in_features), 0, dist, "output size")  # torch's [out, in]: split rows
         self.weight.fuse_wgrad = True  # under master weights its gradient goes straight into main_grad
-        self.bias = _sharded((out_features,), 0, dist)
+        self.bias = _sharded((out_features,), 0, dist, "output size")
 
     @torch.no_grad()
     def reset_parameters(self, std, seed):
@@ -275,7 +272,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias.zero_()
 
     def forward(self, x):  # [B, T, C] replicated, or this rank's [B, T/tp, C] under sequence parallelism
-        return column_parallel_matmul(x, self.weight, self.bias, self.dist, self.sp, self.overlap)  # [B, T, out/tp]
+        return column_parallel_matmul(x, self.weight, self.bias, self.dist)  # [B, T, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -283,12 +280,10 @@ class RowParallelLinear(nn.Module):
     Input [B, T, in/tp] sharded -> output [B, T, out] replicated (sequence parallel: [B, T/tp, out], this rank's
     tokens). The bias is added once, after the sum."""
 
-    def __init__(self, in_features, out_features, dist, sequence_parallel=False, overlap=True):
+    def __init__(self, in_features, out_features, dist):
         super().__init__()
-        if in_features % dist.tp:
-            raise UserError(f"input size {in_features} is not divisible by tensor-parallel size {dist.tp}.")
-        self.dist, self.sp, self.overlap = dist, sequence_parallel, overlap
-        self.weight = _sharded((out_features, in_features), 1, dist)  # [out, in/tp]
+        self.dist = dist
+        self.weight = _sharded((out_features, in_features), 1, dist, "input size")  # [out, in/tp]
         self.weight.fuse_wgrad = True
         self.bias = nn.Parameter(torch.empty(out_features))  # replicated
 
@@ -298,11 +293,11 @@ class RowParallelLinear(nn.Module):
         self.bias.zero_()
 
     def forward(self, x):  # [B, T, in/tp]
-        if self.overlap and overlap_helps(self.weight, self.dist, column=False):  # the weight gradient into main_grad
-            y = ParallelMatmul.apply(x, self.weight, None, self.dist, False, False)
+        if self.dist.overlap and overlap_helps(self.weight, self.dist, column=False):  # wgrad into main_grad
+            y = ParallelMatmul.apply(x, self.weight, None, self.dist, False)
         else:
             y = F.linear(x, self.weight)  # partial sums [B, T, out]
-        return g(y, self.dist, self.sp) + self.bias  # -> [B, T, out] (sequence parallel: [B, T/tp, out])
+        return g(y, self.dist) + self.bias  # -> [B, T, out] (sequence parallel: [B, T/tp, out])
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -310,14 +305,12 @@ class VocabParallelEmbedding(nn.Module):
     the ids it owns, writes zeros for the others, and g sums the partial results. Input [B, T] -> [B, T, C]
     (sequence parallel: [B, T/tp, C], this rank's tokens)."""
 
-    def __init__(self, vocab_size, dim, dist, sequence_parallel=False):
+    def __init__(self, vocab_size, dim, dist):
         super().__init__()
-        if vocab_size % dist.tp:
-            raise UserError(f"vocabulary {vocab_size} is not divisible by tensor-parallel size {dist.tp}.\n"
-                            f"HINT: pass --vocab_size with a multiple of {128 * dist.tp} at least the tokenizer's.")
-        self.dist, self.sp, self.per_rank = dist, sequence_parallel, vocab_size // dist.tp
+        hint = f"HINT: pass --vocab_size with a multiple of {128 * dist.tp} at least the tokenizer's."
+        self.weight = _sharded((vocab_size, dim), 0, dist, "vocabulary", hint)
+        self.dist, self.per_rank = dist, vocab_size // dist.tp
         self.start = dist.tp_rank * self.per_rank
-        self.weight = _sharded((vocab_size, dim), 0, dist)
 
     def reset_parameters(self, std, seed):
         init_shard(self.weight, std, seed, self.dist, 0)
@@ -328,7 +321,7 @@ class VocabParallelEmbedding(nn.Module):
         local = idx - self.start
         outside = (local < 0) | (local >= self.per_rank)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, T, C]
-        return g(x.masked_fill(outside.unsqueeze(-1), 0.0), self.dist, self.sp)
+        return g(x.masked_fill(outside.unsqueeze(-1), 0.0), self.dist)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

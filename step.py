@@ -37,10 +37,13 @@ def build(cfg, dist):
     AdamW decays matrices and embeddings, not biases or LayerNorm gains. With --zero1 one object is both optimizer
     and reducer: its moments are sharded over dp and gradients are reduce-scattered during the last backward
     (data_parallel.py)."""
+    if (dist.sequence_parallel, dist.overlap) != (cfg.sp, cfg.overlap):  # the layout is dist's: it must be cfg's
+        raise ValueError(f"dist's sequence_parallel={dist.sequence_parallel}, overlap={dist.overlap} are not the "
+                         f"run's ({cfg.sp}, {cfg.overlap}): start with init_distributed(..., cfg.sequence_parallel, "
+                         f"cfg.overlap) or dataclasses.replace the Dist")
     torch.manual_seed(cfg.seed)  # the same on every rank: replicated dropout masks agree across a tp group
     dist.rng.seed(cfg.seed)
-    model = Yuan(cfg.model, dist, sequence_parallel=cfg.sequence_parallel, overlap=cfg.overlap, recompute=cfg.recompute,
-                 seed=cfg.seed).to(dist.device)
+    model = Yuan(cfg.model, dist, recompute=cfg.recompute, seed=cfg.seed).to(dist.device)
     master = cfg.dtype in ("bf16", "fp16")
     if master:  # before the reducers: its gradient hook must run before theirs
         use_master_weights(model, DTYPES[cfg.dtype])

@@ -99,7 +99,7 @@ def size_vocab(cfg, tokenizer, out, resumed, given):
 def setup(opts, flags, overrides):
     """Config, processes, data, vocabulary, the output directory, model and optimizer, resume, the run's records."""
     cfg, out = make_config(opts["preset"], **overrides), opts["out"]
-    dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface)
+    dist = init_distributed(cfg.tp, cfg.device, cfg.collective_timeout_s, cfg.iface, cfg.sequence_parallel, cfg.overlap)
     fitted = fit_schedule(cfg, overrides)  # a preset's warm-up longer than --max_steps, scaled to the run
     if fitted:
         dist.print0(fitted)

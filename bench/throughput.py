@@ -23,6 +23,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -69,6 +70,7 @@ def parse(argv):
 def measure(preset, overrides, dist, opts):
     """Time opts['steps'] training steps of one setting; returns a result row."""
     cfg = make_config(preset, **overrides, tp=dist.tp)
+    dist = replace(dist, sequence_parallel=cfg.sequence_parallel, overlap=cfg.overlap)  # this setting's layout
     resolve_dtype(cfg, dist.device)
     row = dict(preset=preset, tp=dist.tp, dp=dist.dp, dtype=cfg.dtype, recompute=cfg.recompute,
                sp=cfg.sp, zero1=cfg.zero1, compile=cfg.compile,

@@ -84,7 +84,7 @@ def main():
     extra = {"n_layer": args.n_layer} if args.n_layer else {}
     cfg = make_config(args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch, dtype=args.dtype,
                       batch_tokens=args.seq_len * args.micro_batch, **extra)
-    dist = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), overlap=cfg.overlap)
     resolve_dtype(cfg, dist.device)
     dtype = DTYPES[cfg.dtype]
     # the plain model as plain PyTorch code runs it: fp32 weights under autocast (ours holds bf16 working weights)
@@ -98,7 +98,7 @@ def main():
     plain_opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=opt.defaults.get("fused") or None)
-    params = {"nanoyuan": sum(p.numel() for p in ours.parameters()), "plain": sum(p.numel() for p in plain.parameters())}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("nanoyuan", ours), ("plain", plain))}
 
     ids = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1)).to(dist.device)
     x, y = ids[:, :-1], ids[:, 1:]
@@ -120,8 +120,8 @@ def main():
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     device = torch.cuda.get_device_name() if dist.device.type == "cuda" else \
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"{args.preset} ({params['nanoyuan']:,} params, the plain model {params['plain']:,}), {cfg.micro_batch} x {cfg.seq_len} "
-          f"tokens per step, {cfg.dtype}, {device}, torch {torch.__version__}, median of {args.steps} steps")
+    print(f"{args.preset} ({params['nanoyuan']:,} params, the plain model {params['plain']:,}), {cfg.micro_batch} x "
+          f"{cfg.seq_len} tokens per step, {cfg.dtype}, {device}, torch {torch.__version__}, median of {args.steps} steps")
     for name, r in rate.items():
         print(f"  {name:<9} {r:>10,.1f} tokens/s   {tokens / r:.3f} s/step")
     print(f"  nanoyuan / plain = {rate['nanoyuan'] / rate['plain']:.3f}")

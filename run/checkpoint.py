@@ -26,7 +26,6 @@ from runtime.mpi import mpi_world, wait_for_every_rank
 from runtime.run_dir import ckpt_files, ckpt_name
 from mixed_precision import fp32_state_dict, load_fp32_state_dict
 from model import ModelConfig, Yuan
-from recompute import restore_rng, rng_state
 from dataprep.tokenizer import copy_spec, load_tokenizer
 
 def save_checkpoint(out, step, model, opt, scaler, cfg, tokenizer, dist, protect=None):
@@ -52,7 +51,7 @@ def _write(out, step, model, opt_state, scaler, cfg, tokenizer, dist, protect):
              "data_position": {"seed": cfg.seed, "next_step": step + 1},
              "layout": {"tp": dist.tp, "tp_rank": dist.tp_rank, "dp": dist.dp},
              "optimizer": opt_state, "scaler": scaler.state_dict(),
-             "rng": rng_state(dist)}  # recompute.py: the CPU's, this rank's GPU's, the tp dropout generator's
+             "rng": rng_state(dist)}  # the CPU's, this rank's GPU's, the tp dropout generator's (below)
     path = os.path.join(out, ckpt_name(step, dist.tp, dist.tp_rank))
     size, free = tensor_bytes(state), shutil.disk_usage(out).free
     if free < size:
@@ -276,7 +275,7 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
     load_fp32_state_dict(model, ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], dist, cfg.seed)  # recompute.py: on this rank's device only
+    restore_rng(ckpt["rng"], dist, cfg.seed)  # on this rank's device only (below)
     saved = {**ckpt["model_config"], **ckpt["run_config"]}
     changed = [k for k, v in saved.items() if k not in ("max_steps", "tp") and getattr(cfg, k, v) != v]
     if step != newest:
@@ -286,3 +285,41 @@ def resume(out, model, opt, scaler, cfg, tokenizer, dist):
                     (" (dropout masks of the new tp ranks differ from an uninterrupted run's)" if cfg.dropout else ""))
     dist.print0(f"resumed from {path} at step {step}" + (f" (changed: {', '.join(changed)})" if changed else ""))
     return step
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The random generators a checkpoint keeps
+
+
+def rng_state(dist):
+    """The generators a checkpoint keeps for this rank: the CPU's, this rank's own GPU's (no other GPU's: a run
+    resumed on fewer GPUs could not take them back, and each GPU would get the writer's state) and the
+    tensor-parallel dropout generator's. Empty tensors for the ones this run has not (no GPU; tp == 1)."""
+    none = torch.zeros(0, dtype=torch.uint8)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else none,
+            "tp": dist.rng.state if dist.rng.state is not None else none}
+
+
+def restore_rng(saved, dist, seed):
+    """Put back what rng_state saved, on this rank's device only. A checkpoint written before issue 27 holds a list
+    (every visible GPU's state): this device's entry is taken if there is one, else the first. A tensor-parallel
+    generator state that does not fit this device's generator (written on the CPU, resumed on a GPU, or the other
+    way) is replaced by a fresh run's seeding (seed, as step.build seeds it)."""
+    torch.set_rng_state(saved["torch"])
+    cuda = saved["cuda"]
+    if isinstance(cuda, (list, tuple)):  # the old format: every GPU's state, by index ([] where torch saw none)
+        states, index = cuda, dist.device.index or 0
+        cuda = states[index] if index < len(states) else (states[0] if states else torch.zeros(0, dtype=torch.uint8))
+    if dist.device.type == "cuda" and cuda.numel():
+        torch.cuda.set_rng_state(cuda, dist.device)
+    if dist.tp == 1 or not saved["tp"].numel():  # no tp generator here, or none saved: it stays as seeded
+        return
+    if dist.rng.fits(saved["tp"]):
+        dist.rng.state = saved["tp"]
+        return
+    dist.rng.seed(seed)
+    dist.print0(f"note: --resume: the saved tensor-parallel dropout generator ({saved['tp'].numel()} bytes) was "
+                f"written on another kind of device and does not fit this {dist.device.type} run's, so it is seeded as "
+                f"a fresh run's: the masks of tp-local dropout differ from an uninterrupted run's (with dropout 0, the "
+                f"default, nothing differs)")

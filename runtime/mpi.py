@@ -14,9 +14,9 @@ from runtime.errors import EXIT_REQUEUE, Requeue, UserError, launcher_rank
 # (SLURM_STEP_NUM_TASKS=1 while PMI_SIZE=N). Only srun steps set SLURM_STEP_NUM_TASKS (not the batch script).
 LAUNCHED = (("PMI_SIZE", "the launcher"), ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
             ("SLURM_STEP_NUM_TASKS", "srun"))
-FOREIGN = "HINT: launch with the MPI that mpi4py was built with: .venv/bin/mpiexec -n N (MPICH, what `make` installs), " \
-          "srun --mpi=pmi2 under Slurm (docs/slurm.md); or rebuild mpi4py against the cluster's MPI (README, \"The " \
-          "launcher is the venv's\")."
+FOREIGN = ("HINT: launch with the MPI that mpi4py was built with: .venv/bin/mpiexec -n N (MPICH, what `make` "
+           "installs), srun --mpi=pmi2 under Slurm (docs/slurm.md); or rebuild mpi4py against the cluster's MPI "
+           "(README, \"The launcher is the venv's\").")
 CHECK = "NANOYUAN_LAUNCH_CHECK"  # =off: no launch check (N independent runs on purpose, each with its own --out)
 # What gloo and NCCL say when a peer's process is gone (killed, out of memory, its node down)
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "remote process exited")
@@ -123,8 +123,8 @@ def wait_for_every_rank(flag=True, note="", note_every_s=300.0, give_up=None):
 
 
 def report_missing(MPI, comm, lost=False, wait_s=10.0):
-    """After a collective timed out (or, lost, broke: a peer's process ended): every rank that can still run tells rank 0 so over MPI (not through the
-    collective that is stuck), and rank 0 names the ranks it did not hear from within wait_s: the ones to look at
+    """After a collective timed out (or, lost, broke: a peer's process ended): every rank that can still run tells
+    rank 0 so over MPI (not through the collective that is stuck), and rank 0 names the ranks it did not hear from within wait_s: the ones to look at
     (stopped, swapping, on a wedged GPU or file system). Rank 0 then ends the job; if rank 0 is the stuck one, each
     other rank ends it after waiting."""
     rank, world, tag = comm.Get_rank(), comm.Get_size(), 7177

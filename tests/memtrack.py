@@ -85,7 +85,7 @@ def measured_peak(cfg, steps=2, accum=2, dist=None, checkpoint_to=None):
     cfg.dtype (bf16/fp16: working weights, fp32 masters and main gradients). With checkpoint_to (a directory) a
     checkpoint is then written there as train.py writes it, and the result is (peak of the last step, peak while
     the checkpoint is gathered and written)."""
-    dist = dist or Dist()
+    dist = dist or Dist(overlap=cfg.overlap)
     torch.manual_seed(0)
     with backend_buffers_unwatched(), LiveBytes() as mem:
         model, opt, reducer, clip_params = build(cfg, dist)

@@ -2,6 +2,7 @@
 parallelism, against the bytes alive during real training steps on each rank (tests/memtrack.py)."""
 import os
 import sys
+from dataclasses import replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
@@ -20,7 +21,7 @@ def main():
     for sp in (False, True):
         cfg = make_config("tiny", n_layer=4, n_embd=128, n_head=4, seq_len=256, vocab_size=2048, micro_batch=4,
                           dtype="fp32", tp=2, sequence_parallel=sp)
-        got = measured_peak(cfg, dist=dist)
+        got = measured_peak(cfg, dist=replace(dist, sequence_parallel=sp))
         want = estimate(cfg, tp=2, dtype="fp32")["total_bytes"]
         lines.append(f"sequence_parallel={sp}: estimate {want / 1e6:.2f} MB, measured {got / 1e6:.2f} MB, "
                      f"ratio {want / got:.3f}")

@@ -7,6 +7,7 @@ sequence-parallel collectives on their own.
 """
 import os
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -127,7 +128,8 @@ def main():
     w_out = torch.randn(2, 5 * tp, 7 * tp)
     full = full_normal((7 * tp, 13), 0.02, seed=1).requires_grad_()
     (F.linear(x, full) * w_out).sum().backward()
-    col = ColumnParallelLinear(13, 7 * tp, dist, sequence_parallel=True)
+    sp_dist = replace(dist, sequence_parallel=True)  # the same ranks and groups, the layout with sequence parallelism
+    col = ColumnParallelLinear(13, 7 * tp, sp_dist)
     col.reset_parameters(0.02, seed=1)
     xs = mine(x.detach(), 1).clone().requires_grad_()  # [2, 5, 13]: this rank's tokens
     y = col(xs)  # [2, 5 tp, 7]: every token, this rank's columns
@@ -141,7 +143,7 @@ def main():
     full = full_normal((17, 7 * tp), 0.02, seed=2).requires_grad_()
     bias = torch.zeros(17, requires_grad=True)
     (F.linear(x, full, bias) * w_out).sum().backward()
-    row = RowParallelLinear(7 * tp, 17, dist, sequence_parallel=True)
+    row = RowParallelLinear(7 * tp, 17, sp_dist)
     row.reset_parameters(0.02, seed=2)
     row.bias.sequence_parallel = True
     xs = mine(x.detach(), 2).clone().requires_grad_()
@@ -177,8 +179,9 @@ def main():
         w_out = torch.randn(2, 5 * tp if not sp else 5, 13)
         outs = []
         for overlap in (True, False):
-            col = ColumnParallelLinear(13, 7 * tp, dist, sequence_parallel=sp, overlap=overlap)
-            row = RowParallelLinear(7 * tp, 13, dist, sequence_parallel=sp, overlap=overlap)
+            layout = replace(dist, sequence_parallel=sp, overlap=overlap)
+            col = ColumnParallelLinear(13, 7 * tp, layout)
+            row = RowParallelLinear(7 * tp, 13, layout)
             col.reset_parameters(0.02, seed=1)
             row.reset_parameters(0.02, seed=2)
             xi = x.clone().requires_grad_()
@@ -218,8 +221,8 @@ def main():
     ids = torch.randint(0, 512, (2, 4 * tp))
     grads = []
     for sp in (False, True):
-        model = Yuan(ModelConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=4 * tp), dist,
-                     sequence_parallel=sp)
+        model = Yuan(ModelConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=512, seq_len=4 * tp),
+                     replace(dist, sequence_parallel=sp))
         loss = model(ids, ids)[1]
         loss.backward()
         sync_sequence_parallel_grads(list(model.parameters()), dist)

@@ -10,7 +10,8 @@ import torch.distributed as tdist
 
 import distributed
 from distributed import Dist
-from recompute import TPRandom, restore_rng, rng_state
+from recompute import TPRandom
+from run.checkpoint import restore_rng, rng_state
 from runtime.errors import UserError
 from runtime.startup import device_for
 from step import resolve_dtype

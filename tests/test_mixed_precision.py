@@ -136,3 +136,14 @@ def test_bf16_resume_is_exact_and_continues_an_fp32_run(prepared, tmp_path):
     assert "resumed from" in proc.stdout and "changed: dtype" in proc.stdout
     assert len([r for r in read_metrics(tmp_path / "c") if "loss" in r]) == 6
 
+
+
+def test_master_weights_come_before_the_reducers_hooks():
+    """The hook that moves a gradient into main_grad must run before a reducer counts that gradient as final
+    (data_parallel.Buckets): use_master_weights refuses parameters that already carry a gradient hook."""
+    from data_parallel import Buckets
+    from mixed_precision import use_master_weights
+    model = Yuan(tiny("fp32"), Dist())
+    Buckets([list(model.parameters())], 1.0, launch=lambda bucket: None)
+    with pytest.raises(RuntimeError, match="before the reducers"):
+        use_master_weights(model, torch.bfloat16)

@@ -276,13 +276,13 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 
 @contextmanager
-def fake_layout(tp, dp):
+def fake_layout(tp, dp, sequence_parallel=False, overlap=True):
     """(Dist of rank 0 of tp x dp, {}) whose groups are a fake process group: collectives move nothing but are seen.
     The c10d ops reach the dispatch mode with an opaque group, so the torch.distributed calls are wrapped to say
     which group (tp, dp) each one uses: the second item, updated as they run."""
     current = {}
     if tp * dp == 1:
-        yield Dist(), current
+        yield Dist(overlap=overlap), current
         return
     from torch.testing._internal.distributed.fake_pg import FakeStore
     if tdist.is_initialized():
@@ -307,7 +307,8 @@ def fake_layout(tp, dp):
         # the fake group stands for NCCL, so it answers "nccl".
         stack.enter_context(patched(tdist, "get_backend", lambda old: lambda group=None: "nccl"))
         try:
-            yield (Dist(world=tp * dp, tp=tp, tp_group=tp_group if tp > 1 else None, dp=dp,
+            yield (Dist(world=tp * dp, tp=tp, sequence_parallel=sequence_parallel, overlap=overlap,
+                        tp_group=tp_group if tp > 1 else None, dp=dp,
                         dp_group=dp_group if dp > 1 else None), current)
         finally:
             tdist.destroy_process_group()
@@ -354,7 +355,8 @@ def record_step(cfg, tp, dp, micro_batches, keep_tensors=False, full_warm_up=Fal
     Before it, unrecorded: warm_up, or with full_warm_up a whole step of one micro-batch (what warm_up stands for)."""
     cfg = replace(cfg)  # a copy: the caller's stays as it was
     cfg.compile = False  # dynamo does not trace fake tensors; --compile is priced by the fusion rule instead
-    with fake_layout(tp, dp) as (dist, group), FakeTensorMode() as fake, paused_gc():
+    with fake_layout(tp, dp, cfg.sequence_parallel, cfg.overlap) as (dist, group), FakeTensorMode() as fake, \
+            paused_gc():
         rec = Recorder([], group, keep_tensors, fake if fake.cache_enabled else None)  # phase None: records nothing
         # Module.to(cpu) would swap each fake parameter for itself, which torch refuses (it holds weak references
         # to them); every fake tensor already is on the CPU, so .to is skipped while building. A fake tensor holds no
@@ -628,7 +630,7 @@ def measure_cpu(clock=time.perf_counter):
 def measure_step(preset, overrides, accum, steps=3):
     """(wall seconds, CPU seconds / threads) of the real train_step on this CPU: the best of `steps` after one."""
     cfg = make_config(preset, **overrides, device="cpu")
-    dist = Dist()
+    dist = Dist(overlap=cfg.overlap)
     step.resolve_dtype(cfg, dist.device)
     model, opt, reducer, clip_params = step.build(cfg, dist)
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
