@@ -14,7 +14,7 @@ embedding), so the directory holds a GPT2LMHeadModel:
 Two layouts differ. nn.Linear stores [out, in] and GPT-2's Conv1D [in, out]: every matrix is transposed. And our
 fused QKV groups its output rows per head, [q_h | k_h | v_h] for h = 0..H-1 (so that a tensor-parallel shard is
 whole heads), where GPT-2 wants [q_0..q_H-1 | k_0..k_H-1 | v_0..v_H-1]: the rows are permuted. Any checkpoint layout
-(tensor-parallel shards) is merged first (checkpoint.consolidated). Needs `safetensors`, not `transformers`.
+(tensor-parallel shards) is merged first (run/checkpoint.py consolidated). Needs `safetensors`, not `transformers`.
 """
 import argparse
 import json

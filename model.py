@@ -2,7 +2,7 @@
 
 Yuan 1.0 (Wu et al. 2021, arXiv:2110.04725) uses the Megatron-LM GPT architecture:
 learned absolute position embeddings, pre-LayerNorm blocks, a final LayerNorm, a GELU MLP, biases everywhere,
-and an LM head tied to the word embedding. The ASC22 model is the `yuan-4.7b` preset (run/config.py).
+and an LM head tied to the word embedding. The ASC22 model is the `yuan-4.7b` preset (MODELS below).
 
 Each piece that tensor parallelism will later shard is its own named module: the fused QKV projection
 (`attn.qkv`), the attention output projection (`attn.proj`), MLP up (`mlp.fc`), MLP down (`mlp.proj`) and the

@@ -27,7 +27,7 @@ from runtime.collectives import Pending, gather_into, scatter_sum_into
 #   f, sequence par. all-gather along T    reduce-scatter        [B, T/tp, C] enters a column-parallel matmul
 #   g, sequence par. reduce-scatter on T   all-gather along T    partial sums [B, T, C] leave as [B, T/tp, C]
 #
-# ColumnParallelLinear.forward reads f, then the local matmul; RowParallelLinear.forward the local matmul, then g.
+# column_parallel_matmul reads f, then the local matmul; RowParallelLinear.forward the local matmul, then g.
 # With --overlap (the default) both take one named step instead, ParallelMatmul below: the same arithmetic, with f's
 # backward collective overlapped with the weight gradient and that gradient added straight into main_grad.
 
@@ -171,6 +171,9 @@ class ParallelMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, dist, column):
+        if torch.is_autocast_enabled(x.device.type):  # its backward computes in the dtypes it saved: the model's own
+            raise RuntimeError("parallel.ParallelMatmul under torch.autocast: the model runs in its own dtype "
+                               "(mixed_precision.py); drop autocast, or pass --overlap false for the plain path")
         fuse = getattr(weight, "fuse_wgrad", False) and hasattr(weight, "main_grad")
         ctx.param = weight if fuse else None
         ctx.dist, ctx.sp, ctx.has_bias = dist, column and dist.sequence_parallel, bias is not None

@@ -60,7 +60,8 @@ def speed_line(samples, steps, printed, seconds, no_cache):
     kept = (f"all {total:,} printed" if printed == total else
             f"{printed:,} printed: each sample is cut at its first end-of-document token")
     return (f"# {samples} {'samples' if samples > 1 else 'sample'} x {steps} new tokens = {total:,} tokens in "
-            f"{seconds:.2f} s, {total / seconds:,.1f} tokens/s ({'no cache' if no_cache else 'with the KV cache'}); {kept}")
+            f"{seconds:.2f} s, {total / seconds:,.1f} tokens/s "
+            f"({'no cache' if no_cache else 'with the KV cache'}); {kept}")
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
-"""Train a Yuan model. Reads top to bottom in the order things happen: config -> data -> model -> optimizer -> loop
-(lr, micro-batches, clip, step, log, eval, checkpoint). Checkpoints and resuming (at any tensor-parallel size) are
-run/checkpoint.py; metrics.jsonl and the output directory, runtime/run_dir.py.
+"""Train a Yuan model. Reads top to bottom in the order things happen: config -> processes -> data -> model and
+optimizer (step.build) -> loop (lr, step.train_step, log, eval, checkpoint). Checkpoints and resuming (at any
+tensor-parallel size) are run/checkpoint.py; metrics.jsonl and the output directory, runtime/run_dir.py.
 
     python train.py --preset tiny --data out/data/sanguo --out out/tiny [--max-steps 300] [--resume] [--dtype fp32]
     python train.py --preset yuan-4.7b --tp 8 --plan [--gpus 8] [--gpu H100] [--recompute full] [--json]

@@ -99,6 +99,7 @@ def main():
                                    {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=opt.defaults.get("fused") or None)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("nanoyuan", ours), ("plain", plain))}
+    assert params["nanoyuan"] == params["plain"], params  # the same network, or the race means nothing
 
     ids = torch.randint(0, cfg.vocab_size, (cfg.micro_batch, cfg.seq_len + 1)).to(dist.device)
     x, y = ids[:, :-1], ids[:, 1:]
@@ -120,8 +121,9 @@ def main():
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     device = torch.cuda.get_device_name() if dist.device.type == "cuda" else \
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"{args.preset} ({params['nanoyuan']:,} params, the plain model {params['plain']:,}), {cfg.micro_batch} x "
-          f"{cfg.seq_len} tokens per step, {cfg.dtype}, {device}, torch {torch.__version__}, median of {args.steps} steps")
+    print(f"{args.preset} ({params['nanoyuan']:,} params, the plain model {params['plain']:,}), "
+          f"{cfg.micro_batch} x {cfg.seq_len} tokens per step, {cfg.dtype}, {device}, torch {torch.__version__}, "
+          f"median of {args.steps} steps")
     for name, r in rate.items():
         print(f"  {name:<9} {r:>10,.1f} tokens/s   {tokens / r:.3f} s/step")
     print(f"  nanoyuan / plain = {rate['nanoyuan'] / rate['plain']:.3f}")

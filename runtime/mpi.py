@@ -124,9 +124,9 @@ def wait_for_every_rank(flag=True, note="", note_every_s=300.0, give_up=None):
 
 def report_missing(MPI, comm, lost=False, wait_s=10.0):
     """After a collective timed out (or, lost, broke: a peer's process ended): every rank that can still run tells
-    rank 0 so over MPI (not through the collective that is stuck), and rank 0 names the ranks it did not hear from within wait_s: the ones to look at
-    (stopped, swapping, on a wedged GPU or file system). Rank 0 then ends the job; if rank 0 is the stuck one, each
-    other rank ends it after waiting."""
+    rank 0 so over MPI (not through the collective that is stuck), and rank 0 names the ranks it did not hear from
+    within wait_s: the ones to look at (stopped, swapping, on a wedged GPU or file system). Rank 0 then ends the job;
+    if rank 0 is the stuck one, each other rank ends it after waiting."""
     rank, world, tag = comm.Get_rank(), comm.Get_size(), 7177
     if rank != 0:
         comm.isend(rank, dest=0, tag=tag)

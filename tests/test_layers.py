@@ -1,7 +1,8 @@
 """One way down: the imports of every project file, read from the files with ast (imports inside functions too),
-against the layers of README.md's file table. A file may import its own layer and the layers below it in that
-table, never one above it; no import circle, inside a layer either; nothing in the product reaches bench/ through
-sys.path. The table is where the layers are written: this test reads them from it."""
+against README.md's file table. A file may import the rows below its own in that table (and the other files of a
+glob row such as runtime/*.py), never a row above: so no layer imports a higher one, and inside a layer the order
+is the table's. No import circle; nothing in the product reaches bench/ through sys.path. The table is where the
+layers are written: this test reads them from it."""
 import ast
 import functools
 import glob
@@ -14,18 +15,18 @@ ROW = re.compile(r"^\| ([a-z ]+) \| `([^`]+)` \|")
 
 
 def layers():
-    """{project file: (rank, layer)}: README.md's table `| layer | file | ... |`, top row the highest layer."""
+    """{project file: (row, layer)}: README.md's table `| layer | file | ... |`, top row the highest. A row is a
+    file or a glob (`runtime/*.py`: its files share the row)."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         lines = f.read().split("| layer | file | what it does |", 1)[1].split("\n\n", 1)[0].splitlines()
     rows = [ROW.match(line).groups() for line in lines[2:]]
-    names = list(dict.fromkeys(layer for layer, _ in rows))  # top to bottom
     out = {}
-    for layer, pattern in rows:
+    for i, (layer, pattern) in enumerate(rows):
         paths = sorted(glob.glob(os.path.join(ROOT, pattern)))
         assert paths, f"README.md's file table names {pattern}, which matches no file"
         for path in paths:
             assert os.path.relpath(path, ROOT) not in out, f"{pattern}: {os.path.relpath(path, ROOT)} is listed twice"
-            out[os.path.relpath(path, ROOT)] = (len(names) - names.index(layer), layer)
+            out[os.path.relpath(path, ROOT)] = (len(rows) - i, layer)
     return out
 
 
@@ -72,10 +73,11 @@ def test_every_file_has_a_layer():
 
 
 def test_imports_run_one_way_down():
-    """The rule, then no circle; a failure names each file, line and the two layers."""
+    """The rule, row by row (so inside a layer too), then no circle; a failure names each file, line and layer."""
     rank = layers()
     graph = {path: imports(path) for path in project_files()}
-    upward = [f"{path}:{line} imports {target}: layer '{rank[target][1]}' is above '{rank[path][1]}'"
+    upward = [f"{path}:{line} imports {target}, a row above it in README.md's table (layer '{rank[target][1]}' "
+              f"over '{rank[path][1]}')"
               for path, targets in graph.items() for line, target in targets if rank[target][0] > rank[path][0]]
     assert not upward, "\n".join(upward)
     state, circles = {}, []

@@ -147,3 +147,13 @@ def test_master_weights_come_before_the_reducers_hooks():
     Buckets([list(model.parameters())], 1.0, launch=lambda bucket: None)
     with pytest.raises(RuntimeError, match="before the reducers"):
         use_master_weights(model, torch.bfloat16)
+
+
+def test_the_overlap_step_refuses_autocast():
+    """ParallelMatmul computes its backward in the dtypes it saved, the model's own: under torch.autocast it says
+    so instead of failing later in backward with a dtype mismatch."""
+    from parallel import ParallelMatmul
+    x, w = torch.randn(2, 3, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="--overlap false"):
+        ParallelMatmul.apply(x, w, None, Dist(), False)
+    assert ParallelMatmul.apply(x, w, None, Dist(), False).shape == (2, 3, 4)  # without autocast it runs

@@ -41,7 +41,7 @@ def test_nccl_waits_leave_the_cpu_free(monkeypatch, device, expected):
     dist = Dist(tp=2, device=torch.device(device), timeout_s=7)
     x = torch.randn(2, 4, 8, requires_grad=True)
     w = torch.randn(6, 8, requires_grad=True)
-    parallel.ParallelMatmul.apply(x, w, None, dist, True, False).sum().backward()  # column-parallel at tp 2
+    parallel.ParallelMatmul.apply(x, w, None, dist, True).sum().backward()  # column-parallel at tp 2
     assert [w.waits for w in works] == [[expected]]  # the input gradient's all-reduce, waited for once
 
 

@@ -22,7 +22,7 @@ Conventions, stated once:
     read only the rows they return. With --compile true: consecutive non-matmul ops of forward and backward are one
     kernel, which reads what enters it from outside the run and writes its last op's output and the outputs no op
     of the run consumed (intermediates saved for backward that a later op of the run also reads are missed).
-    Applied to the whole micro-batch: where train.py compiles each block only (bf16, tp > 1, recomputation) the
+    Applied to the whole micro-batch: where step.build compiles each block only (bf16, tp > 1, recomputation) the
     embedding, final LayerNorm and loss are priced fused too, and a matmul ends a fused run as a graph break does.
   * attention FLOPs: forward 4 B h T^2 hd (QK^T and PV), backward twice that; causal masking is not discounted, so
     forward + backward = 12 L h T per token, as model.flops_per_token counts. Recomputation is counted as run.
