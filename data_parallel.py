@@ -301,12 +301,12 @@ class ZeroAdamW:
         return full
 
     def state_dict(self):
-        """The state in torch.optim.AdamW's format for the original parameters, in the original
-        groups' order: a checkpoint does not depend on --zero1. A collective: every data-parallel rank calls it; only
-        data-parallel rank 0 (the one that writes the checkpoint) keeps the moments, in host memory. They are gathered
-        one bucket's moment at a time and copied to the host before the next is gathered, so the device holds at most
-        one bucket's moment (--bucket_mb) beyond training's own memory (tools/plan.py), not the whole model's 8 bytes
-        per parameter gathered, plus their copies."""
+        """The state in torch.optim.AdamW's format for the original parameters, in the original groups' order: a
+        checkpoint does not depend on --zero1. A collective: every data-parallel rank calls it; only data-parallel
+        rank 0 (the one that writes the checkpoint) keeps the moments, in host memory. They are gathered one bucket's
+        moment at a time and copied to the host before the next is gathered, so the device holds at most one bucket's
+        moment (--bucket_mb) beyond training's own memory (tools/plan.py), not the whole model's 8 bytes per
+        parameter gathered, plus their copies."""
         index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
         keep, state = self.dist.dp_rank == 0, {}
         for b in self.buckets:
@@ -326,11 +326,11 @@ class ZeroAdamW:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd):
-        """Take this rank's slice of every moment from a plain AdamW state_dict (on the host, as
-        load_checkpoint maps it). The slices are handed to the inner optimizer's own load_state_dict, which puts each
-        piece of state where that optimizer needs it: the moments on the shard's device and dtype, and `step` on the
-        device too where the optimizer is fused or capturable (torch's rule; CUDA's fused AdamW reads it there). Writing
-        host tensors into self.inner.state directly would hand CPU tensors to a CUDA kernel."""
+        """Take this rank's slice of every moment from a plain AdamW state_dict (on the host, as load_checkpoint maps
+        it). The slices are handed to the inner optimizer's own load_state_dict, which puts each piece of state where
+        that optimizer needs it: the moments on the shard's device and dtype, and `step` on the device too where the
+        optimizer is fused or capturable (torch's rule; CUDA's fused AdamW reads it there). Writing host tensors into
+        self.inner.state directly would hand CPU tensors to a CUDA kernel."""
         index = {id(p): i for i, p in enumerate(p for g in self.groups for p in g["params"])}
         D, d = self.dist.dp, self.dist.dp_rank
         inner = self.inner.state_dict()  # {"state": {bucket: ...}, "param_groups": [{..., "params": [bucket]}]}

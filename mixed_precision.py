@@ -97,7 +97,7 @@ def use_master_weights(model, dtype):
     """Turn model's parameters into dtype working weights with fp32 p.master and p.main_grad (see the docstring).
     Call before the gradient reducers register their hooks: this hook must run first."""
     for p in model.parameters():
-        if p._post_accumulate_grad_hooks:  # a reducer's hook would count p's gradient before main_grad holds it
+        if getattr(p, "_post_accumulate_grad_hooks", None):  # a reducer's hook would count p's gradient too early
             raise RuntimeError("use_master_weights after a gradient hook was registered: call it before the reducers")
         p.master = p.detach().float().clone()
         p.main_grad = torch.zeros_like(p.master)
